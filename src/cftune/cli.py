@@ -1,0 +1,69 @@
+"""The `cftune` command: a thin layer that parses flags/YAML into a stage config and calls the library.
+
+Each subcommand is one entry of `COMMANDS`: (module, config class, entry function, summary). The
+flags come from the config dataclass, so the CLI, YAML files and the Python API share one set of
+names. User mistakes (`CftuneError`) print as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Sequence
+
+from cftune import __version__
+from cftune.config import add_arguments, from_args
+from cftune.errors import CftuneError
+
+# name -> (module, config class, function taking the config, one-line summary)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "generate": ("cftune.generate", "GenerateConfig", "generate",
+                 "sample context-free text from a base model, with its log-probs"),
+    "train": ("cftune.train", "TrainConfig", "train",
+              "fine-tune on a task while staying close to the base (CFS and baselines)"),
+    "merge": ("cftune.merge", "MergeConfig", "merge",
+              "Wise-FT: interpolate base and fine-tuned weights (or a LoRA adapter)"),
+    "eval": ("cftune.evaluate", "EvalConfig", "evaluate",
+             "compare models with their base: KL, zero-shot benchmarks, task accuracy"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cftune",
+        description="Fine-tune language models without forgetting, using context-free samples.",
+    )
+    parser.add_argument("--version", action="version", version=f"cftune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, cls_name, _, summary) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary)
+        p.add_argument("--config", help="YAML file of settings (flags given here override it)")
+        add_arguments(p, getattr(importlib.import_module(module), cls_name))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    module, cls_name, fn_name, _ = COMMANDS[args.command]
+    mod = importlib.import_module(module)
+    try:
+        config = from_args(getattr(mod, cls_name), args)
+        getattr(mod, fn_name)(config)
+    except CftuneError as e:
+        print(f"cftune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cftune {args.command}: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

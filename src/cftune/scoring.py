@@ -1,0 +1,83 @@
+"""Teacher-forced scoring: the log-probability a model gives each continuation token.
+
+This is lm-evaluation-harness's `loglikelihood` primitive, shared by every stage that needs it:
+checking the stored `logp_base` of CF samples, the KL estimate, multiple-choice benchmarks,
+perplexity and FLOW's per-example weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from cftune.models import autocast
+
+
+@dataclass
+class Scored:
+    """Per-token log-probs of one continuation (float64, length = continuation length), and
+    whether greedy decoding would have produced exactly that continuation."""
+
+    token_logprobs: torch.Tensor
+    is_greedy: bool
+
+    @property
+    def logprob(self) -> float:
+        return float(self.token_logprobs.sum())
+
+
+@torch.no_grad()
+def score_continuations(
+    model,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 8,
+    dtype: str = "fp32",
+    max_length: int | None = None,
+    pad_id: int = 0,
+    desc: str | None = None,
+) -> list[Scored]:
+    """Score `(context_ids, continuation_ids)` pairs with one forward pass per batch.
+
+    Requests are sorted by length (longest first) so batches carry little padding and an
+    out-of-memory error shows up on the first batch. Contexts are cut from the left when
+    context + continuation exceeds `max_length` (the model's limit by default); the context must
+    hold at least one token, since the first continuation token needs something to condition on.
+    """
+    device = next(model.parameters()).device
+    if max_length is None:
+        max_length = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    prepared = []
+    for ctx, cont in requests:
+        assert len(ctx) >= 1 and len(cont) >= 1, "need a non-empty context and continuation"
+        ids = list(ctx) + list(cont)
+        ids = ids[-(max_length + 1):]  # inputs are ids[:-1]: at most max_length positions
+        prepared.append((ids, len(cont)))
+    order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
+    results: list[Scored | None] = [None] * len(prepared)
+    bar = tqdm(total=len(order), desc=desc or "scoring", unit="seq", disable=desc is None)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(prepared[i][0]) for i in idx) - 1
+        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids = prepared[i][0][:-1]
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        with autocast(device, dtype):
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        for row, i in enumerate(idx):
+            ids, n_cont = prepared[i]
+            n_in = len(ids) - 1
+            positions = slice(n_in - n_cont, n_in)
+            logp = torch.log_softmax(logits[row, positions].double(), dim=-1)
+            target = torch.tensor(ids[-n_cont:], device=logp.device)
+            token_lp = logp.gather(-1, target[:, None])[:, 0].cpu()
+            greedy = bool((logp.argmax(-1) == target).all())
+            results[i] = Scored(token_lp, greedy)
+        bar.update(len(idx))
+    bar.close()
+    return results  # type: ignore[return-value]
