@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32")
     args = ap.parse_args()
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, "cpu", args.dtype)
+    model = load_model(args.model, "cpu", args.dtype, inference=True)
     shape = (model, tokenizer, args.num_samples, args.batch_size, args.max_new_tokens, args.dtype)
     results = {}
     for name, fn in (("model.generate", plain_generate), ("cftune", cftune_sample)):

@@ -301,3 +301,19 @@ def test_real_embedded_model_samples(embedded_model, tmp_path):
     scored = score_continuations(load_model(embedded_model, "cpu"),
                                  [(m["prefix_ids"], r["token_ids"]) for r in recs])
     assert all(abs(r["logp_base"] - s.logprob) < 1e-3 for r, s in zip(recs, scored))
+
+
+def test_sampler_with_mixed_prefix_lengths_matches_teacher_forcing(tiny_model):
+    """Rows refilled with prefixes of other lengths (cache shifted right, grown, cropped)."""
+    from cftune.sampler import ContinuousSampler, Job
+
+    model = load_model(tiny_model, "cpu")
+    prefixes = [(256,), (256, *range(40, 75)), (256, 50, 51), (256, *range(80, 90))]
+    sampler = ContinuousSampler(model, SamplingParams(max_new_tokens=8), [257], seed=3,
+                                batch_size=3)
+    drawn = sorted(sampler.run(Job(i, prefixes[i % 4]) for i in range(20)), key=lambda d: d.id)
+    assert [d.id for d in drawn] == list(range(20))
+    scored = score_continuations(model, [(list(prefixes[d.id % 4]), d.token_ids) for d in drawn])
+    for d, s in zip(drawn, scored):
+        assert torch.allclose(torch.tensor(d.token_logprobs, dtype=torch.float64),
+                              s.token_logprobs, atol=1e-4)

@@ -76,7 +76,8 @@ class GenerateConfig:
     min_tokens: int = field(0, "drop samples with fewer tokens than this (EOS not counted)")
     dedup: bool = field(True, "drop exact duplicate samples")
     batch_size: int = field(32, "rows decoded together (continuous batching keeps them full)")
-    dtype: str = field("fp32", "fp32 | bf16 | fp16 (bf16 on CPU = bf16 autocast)")
+    dtype: str = field("fp32", "fp32 | bf16 | fp16; bf16 is ~1.7x faster on CPU, and logp_base "
+                       "is then the bf16 model's")
     device: str = field("auto", "auto | cpu | cuda | mps")
     format: str = field("jsonl", "samples file format: jsonl | parquet")
     export: list[str] = field([], "also write trl | axolotl | text files for other trainers")
@@ -355,7 +356,8 @@ def generate(config: GenerateConfig) -> Path:
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     prompts = task_prompt_ids(tokenizer, config) if config.task_prompts else None
     prefix, prefix_source = (None, "task-prompts") if prompts else context_free_prefix(tokenizer, config)
-    model = load_model(config.model, config.device, config.dtype, config.trust_remote_code)
+    model = load_model(config.model, config.device, config.dtype, config.trust_remote_code,
+                       inference=True)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise CftuneError(f"model '{config.model}' has fewer embeddings than its tokenizer has tokens")
     sampler = ContinuousSampler(model, config.sampling, stop_ids(tokenizer, model), config.seed,

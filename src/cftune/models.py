@@ -186,19 +186,24 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def weight_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The dtype weights are held in. On CPU, bf16 keeps fp32 weights and uses bf16 autocast
-    (measured 1.3-1.6x faster than fp32 here, and more accurate than bf16 weights)."""
+def weight_dtype(dtype: str, device: torch.device, inference: bool = False) -> torch.dtype:
+    """The dtype weights are held in.
+
+    Training on CPU with bf16 keeps fp32 weights and uses bf16 autocast (measured 1.3-1.6x faster
+    than fp32 here, with fp32 master weights for the optimizer). Inference (sampling, scoring)
+    holds bf16 weights instead: on this CPU (AVX512-BF16) decoding ran 1.6x faster than autocast,
+    which re-casts every weight at every step.
+    """
     if dtype not in DTYPES:
         raise CftuneError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-    if dtype == "fp32" or device.type == "cpu":
+    if dtype == "fp32" or (device.type == "cpu" and not inference):
         return torch.float32
     return torch.bfloat16 if dtype == "bf16" else torch.float16
 
 
 @contextlib.contextmanager
 def autocast(device: torch.device, dtype: str) -> Iterator[None]:
-    """bf16/fp16 autocast where weights stay fp32 (CPU); a no-op otherwise."""
+    """bf16 autocast on CPU for fp32 weights (a no-op on GPUs, where weights are cast instead)."""
     if dtype != "fp32" and device.type == "cpu":
         with torch.autocast("cpu", dtype=torch.bfloat16):
             yield
@@ -225,8 +230,9 @@ def load_model(
     device: str = "auto",
     dtype: str = "fp32",
     trust_remote_code: bool = False,
+    inference: bool = False,
 ):
-    """A causal LM in eval mode on `device`, weights in `weight_dtype(dtype)`."""
+    """A causal LM in eval mode on `device`, weights in `weight_dtype(dtype, device, inference)`."""
     from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
@@ -234,12 +240,13 @@ def load_model(
     if (Path(path) / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=weight_dtype(dtype, dev))
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            path, dtype=weight_dtype(dtype, dev, inference))
         model = model.merge_and_unload()
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=weight_dtype(dtype, dev), trust_remote_code=trust_remote_code
+                path, dtype=weight_dtype(dtype, dev, inference), trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError) as e:
             raise CftuneError(f"cannot load model '{spec}': {str(e).splitlines()[0]}") from None

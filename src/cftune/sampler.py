@@ -106,17 +106,86 @@ class _Row:
     topk_lps: list[list[float]] = field(default_factory=list)
 
 
-def _wrap_cache(layers: list[list[torch.Tensor]] | None):
-    """A `DynamicCache` holding our per-layer tensors as they are (the constructor would copy)."""
+class _KVStore:
+    """Preallocated keys/values [rows, heads, capacity, head_dim] per layer plus the row mask.
+
+    All rows share the column axis (time steps); `length` columns are in use. Decoding writes one
+    column in place per step, instead of `DynamicCache`'s concatenation that copies the whole
+    cache every step.
+    """
+
+    def __init__(self, rows: int, capacity: int, device: torch.device):
+        self.rows, self.capacity, self.length = rows, capacity, 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.mask = torch.zeros((rows, capacity), dtype=torch.long, device=device)
+
+    def ensure_layer(self, idx: int, like: torch.Tensor) -> None:
+        while len(self.keys) <= idx:
+            shape = (self.rows, like.shape[1], self.capacity, like.shape[3])
+            self.keys.append(like.new_zeros(shape))
+            self.values.append(like.new_zeros(shape))
+
+    def shift(self, offset: int, capacity: int | None = None) -> None:
+        """Move the used columns by `offset` (negative: drop old columns on the left), resizing."""
+        capacity = capacity or self.capacity
+        lo, hi = max(0, -offset), self.length
+        new_len = hi - lo + max(0, offset)
+        dst = slice(max(0, offset), new_len)
+
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros((*t.shape[:-2], capacity, t.shape[-1])) if t.dim() == 4 else \
+                t.new_zeros((t.shape[0], capacity))
+            if t.dim() == 4:
+                out[:, :, dst] = t[:, :, lo:hi]
+            else:
+                out[:, dst] = t[:, lo:hi]
+            return out
+
+        self.keys = [moved(k) for k in self.keys]
+        self.values = [moved(v) for v in self.values]
+        self.mask = moved(self.mask)
+        self.capacity, self.length = capacity, new_len
+
+    def select_rows(self, keep: list[int]) -> None:
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.keys = [k.index_select(0, idx) for k in self.keys]
+        self.values = [v.index_select(0, idx) for v in self.values]
+        self.mask = self.mask.index_select(0, idx)
+        self.rows = len(keep)
+
+
+def _slot_cache(store: _KVStore, n_layers: int):
+    """A transformers `DynamicCache` whose layers read and write `store` in place.
+
+    The layers exist before the first forward: the attention mask is sized from the first
+    layer's length before any layer is updated.
+    """
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
+    class SlotLayer(DynamicLayer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.idx = len(cache.layers)
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            store.ensure_layer(self.idx, key_states)
+            t, n = store.length, key_states.shape[-2]
+            store.keys[self.idx][:, :, t:t + n] = key_states
+            store.values[self.idx][:, :, t:t + n] = value_states
+            self.keys = store.keys[self.idx][:, :, :t + n]
+            self.values = store.values[self.idx][:, :, :t + n]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return store.length
+
     cache = DynamicCache()
-    for keys, values in layers or []:
-        layer = DynamicLayer()
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-        cache.layers.append(layer)
+    cache.layer_class_to_replicate = SlotLayer
+    for _ in range(n_layers):
+        cache.layers.append(SlotLayer())
     return cache
 
 
@@ -148,10 +217,10 @@ class ContinuousSampler:
     def _prefill(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Keys/values of all prefix tokens but the last (that one is fed as the first input)."""
         if prefix not in self._prefix_kv:
-            if len(self._prefix_kv) > 64:  # contextual prompts are mostly distinct: keep few
-                self._prefix_kv.clear()
             from transformers import DynamicCache
 
+            if len(self._prefix_kv) > 64:  # contextual prompts are mostly distinct: keep few
+                self._prefix_kv.clear()
             ids = torch.tensor([prefix[:-1]], device=self.device)
             cache = DynamicCache()
             with autocast(self.device, self.dtype):
@@ -159,129 +228,100 @@ class ContinuousSampler:
             self._prefix_kv[prefix] = [(layer.keys, layer.values) for layer in cache.layers]
         return self._prefix_kv[prefix]
 
+    @torch.no_grad()
     def run(self, jobs: Iterable[Job]) -> Iterator[Drawn]:
         """Yield each job's sample as soon as it finishes (not in job order)."""
         pending = iter(jobs)
-        rows: list[_Row | None] = []
-        layers: list[list[torch.Tensor]] | None = None  # per layer [keys, values]: [B, H, T, D]
-        mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        rows: list[_Row | None] = [None] * self.batch_size
+        store = _KVStore(self.batch_size, 2 * (self.params.max_new_tokens + 16), self.device)
+        cache = _slot_cache(store, self.model.config.get_text_config().num_hidden_layers)
         exhausted = False
-
         while True:
-            # 1. Put new jobs into free rows (growing the batch up to batch_size).
-            free = [i for i, r in enumerate(rows) if r is None]
-            while not exhausted and (free or len(rows) < self.batch_size):
-                job = next(pending, None)
-                if job is None:
-                    exhausted = True
-                    break
-                if free:
-                    i = free.pop(0)
-                else:
-                    i = len(rows)
-                    rows.append(None)
-                    mask = torch.cat([mask, torch.zeros((1, mask.shape[1]), dtype=mask.dtype,
-                                                        device=self.device)])
-                    if layers is not None:
-                        for kv in layers:
-                            for j in (0, 1):
-                                kv[j] = torch.cat([kv[j], kv[j].new_zeros((1, *kv[j].shape[1:]))])
-                layers, mask = self._place(i, job, rows, layers, mask)
-            if exhausted:  # nothing left to refill with: drop idle rows so steps get cheaper
+            # 1. Refill free rows; once the jobs run out, drop idle rows so steps get cheaper.
+            for i in range(len(rows)):
+                if rows[i] is None and not exhausted:
+                    job = next(pending, None)
+                    if job is None:
+                        exhausted = True
+                    else:
+                        self._place(i, job, rows, store)
+            if exhausted:
                 keep = [i for i, r in enumerate(rows) if r is not None]
                 if not keep:
                     return
                 if len(keep) < len(rows):
                     rows = [rows[i] for i in keep]
-                    mask = mask[keep]
-                    if layers is not None:
-                        idx = torch.tensor(keep, device=self.device)
-                        layers = [[kv[0].index_select(0, idx), kv[1].index_select(0, idx)]
-                                  for kv in layers]
+                    store.select_rows(keep)
+            if store.length == store.capacity:  # no column left: drop unseen ones, or grow
+                cut = min(r.start for r in rows if r is not None)
+                store.shift(-cut, None if cut else 2 * store.capacity)
+                for r in rows:
+                    if r is not None:
+                        r.start -= cut
 
             # 2. One decoding step for every row.
-            inputs = torch.tensor([[r.next_input] for r in rows], device=self.device)
-            positions = torch.tensor([[r.position] for r in rows], device=self.device)
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], 1)
-            cache = _wrap_cache(layers)
-            with torch.no_grad(), autocast(self.device, self.dtype):
-                out = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
-                                 cache=cache, use_cache=True)
-            layers = [[layer.keys, layer.values] for layer in cache.layers]
-            logits = out.logits[:, -1].float()
-            tokens, logps, top = self._sample(logits, rows)
-            self.tokens_sampled += len(rows)
+            inputs = torch.tensor([[r.next_input if r else 0] for r in rows], device=self.device)
+            positions = torch.tensor([[r.position if r else 0] for r in rows], device=self.device)
+            store.mask[:, store.length] = 1
+            with autocast(self.device, self.dtype):
+                out = self.model(input_ids=inputs, attention_mask=store.mask[:, :store.length + 1],
+                                 position_ids=positions, cache=cache, use_cache=True)
+            store.length += 1
+            live = [i for i, r in enumerate(rows) if r is not None]
+            tokens, logps, top = self._sample(out.logits[live, -1].float(), [rows[i] for i in live])
+            self.tokens_sampled += len(live)
 
             # 3. Book-keeping: emit finished samples, feed the others their new token.
-            is_stop = torch.isin(tokens, self.stop_ids.to(tokens.device)).tolist()
-            for i, row in enumerate(rows):
-                tok = int(tokens[i])
+            is_stop = torch.isin(tokens, self.stop_ids).tolist()
+            for j, i in enumerate(live):
+                row, tok = rows[i], int(tokens[j])
                 row.tokens.append(tok)
-                row.logps.append(float(logps[i]))
+                row.logps.append(float(logps[j]))
                 if top is not None:
-                    row.topk_ids.append(top[1][i].tolist())
-                    row.topk_lps.append([round(v, 5) for v in top[0][i].tolist()])
-                done = is_stop[i]
-                if done or len(row.tokens) >= self.params.max_new_tokens:
-                    yield Drawn(row.job.id, row.tokens, row.logps, bool(done),
+                    row.topk_ids.append(top[1][j].tolist())
+                    row.topk_lps.append([round(v, 5) for v in top[0][j].tolist()])
+                if is_stop[j] or len(row.tokens) >= self.params.max_new_tokens:
+                    yield Drawn(row.job.id, row.tokens, row.logps, bool(is_stop[j]),
                                 row.topk_ids if top is not None else None,
                                 row.topk_lps if top is not None else None)
                     rows[i] = None
                 else:
                     row.next_input, row.position = tok, row.position + 1
 
-            # 4. Drop cache columns that no active row attends to any more.
-            starts = [r.start for r in rows if r is not None]
-            cut = min(starts) if starts else 0
-            if cut > 0:
-                mask = mask[:, cut:]
-                layers = [[kv[0][:, :, cut:], kv[1][:, :, cut:]] for kv in layers]
-                for r in rows:
-                    if r is not None:
-                        r.start -= cut
-
-    def _place(self, i: int, job: Job, rows: list, layers, mask):
+    def _place(self, i: int, job: Job, rows: list, store: _KVStore) -> None:
         """Put `job` in row `i`: write its prefix K/V into the row's last columns, mask the rest."""
         prefix = tuple(job.prefix_ids)
         n_ctx = len(prefix) - 1  # cached context; the last prefix token is the first input
-        width = mask.shape[1]
-        if n_ctx > width:  # too few columns: pad every row on the left
-            pad = n_ctx - width
-            mask = torch.cat([mask.new_zeros((mask.shape[0], pad)), mask], 1)
-            if layers is not None:
-                layers = [[torch.cat([kv[j].new_zeros((*kv[j].shape[:2], pad, kv[j].shape[3])), kv[j]], 2)
-                           for j in (0, 1)] for kv in layers]
+        if n_ctx > store.length:  # too few columns: move every row right
+            pad = n_ctx - store.length
+            store.shift(pad, max(store.capacity, 2 * (n_ctx + self.params.max_new_tokens)))
             for r in rows:
                 if r is not None:
                     r.start += pad
-            width = n_ctx
-        mask[i] = 0
+        store.mask[i] = 0
+        width = store.length
         if n_ctx > 0:
             kv_prefix = self._prefill(prefix)
-            if layers is None:
-                layers = [[k.new_zeros((len(rows), *k.shape[1:2], width, k.shape[3])),
-                           v.new_zeros((len(rows), *v.shape[1:2], width, v.shape[3]))]
-                          for k, v in kv_prefix]
-            for kv, (k, v) in zip(layers, kv_prefix):
-                kv[0][i, :, width - n_ctx:] = k[0].to(kv[0].dtype)
-                kv[1][i, :, width - n_ctx:] = v[0].to(kv[1].dtype)
-            mask[i, width - n_ctx:] = 1
+            for idx, (k, v) in enumerate(kv_prefix):
+                store.ensure_layer(idx, k)
+                store.keys[idx][i, :, width - n_ctx:width] = k[0]
+                store.values[idx][i, :, width - n_ctx:width] = v[0]
+            store.mask[i, width - n_ctx:width] = 1
         gen = torch.Generator().manual_seed(sample_seed(self.seed, job.id))
         rows[i] = _Row(job, gen, start=width - n_ctx, next_input=prefix[-1], position=n_ctx)
-        return layers, mask
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[_Row]):
         """Draw one token per row; return tokens, their untempered log-probs, optional top-K."""
-        logp = torch.log_softmax(logits.double(), dim=-1)
+        logp = torch.log_softmax(logits, dim=-1)  # untempered: the distribution in the KL
         uniforms = torch.cat([torch.rand(1, generator=r.gen, dtype=torch.float64) for r in rows])
         if self.params == SamplingParams(max_new_tokens=self.params.max_new_tokens):
-            probs = logp.exp()  # plain T=1 sampling: no filtering needed
+            probs = logp.double().exp()  # plain T=1 sampling: no filtering needed
         else:
             probs = filter_probs(logits, self.params)
-        tokens = pick(probs.cpu(), uniforms).to(logits.device)
-        token_logp = logp.gather(-1, tokens[:, None])[:, 0]
+        tokens = pick(probs.cpu(), uniforms)
+        token_logp = logp.cpu().gather(-1, tokens[:, None])[:, 0]
         top = None
         if self.topk:
             vals, idx = torch.topk(logp, self.topk, dim=-1)
-            top = (vals.float().cpu(), idx.cpu())
-        return tokens, token_logp.cpu(), top
+            top = (vals.cpu(), idx.cpu())
+        return tokens, token_logp, top
