@@ -86,11 +86,28 @@ def filter_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs / probs.sum(-1, keepdim=True)
 
 
-def pick(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw: the first token whose cumulative probability exceeds u. [n, V], [n] → [n]."""
-    cdf = probs.cumsum(-1)
-    idx = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
-    return idx.clamp_(max=probs.shape[-1] - 1)
+def pick(probs: torch.Tensor, uniforms: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Inverse-CDF draw: the first token whose cumulative probability exceeds u. [n, V], [n] → [n].
+
+    Two levels, so only one block of `block` tokens per row is cumulated: block sums locate the
+    block holding u, then a float64 cumulative sum inside it locates the token. This reads the
+    probabilities once; a full-vocabulary float64 cumsum was the costliest part of a step.
+    """
+    n, vocab = probs.shape
+    whole = vocab - vocab % block
+    sums = [probs[:, :whole].reshape(n, -1, block).sum(-1)]
+    if whole < vocab:
+        sums.append(probs[:, whole:].sum(-1, keepdim=True))
+    block_cdf = torch.cat(sums, -1).double().cumsum(-1)
+    target = uniforms.double() * block_cdf[:, -1]
+    b = torch.searchsorted(block_cdf, target[:, None]).squeeze(-1).clamp_(max=block_cdf.shape[1] - 1)
+    before = torch.where(b > 0, block_cdf.gather(-1, (b - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    start = b * block
+    cols = start[:, None] + torch.arange(block)
+    inner = probs.gather(-1, cols.clamp(max=vocab - 1)).double()
+    inner[cols >= vocab] = 0  # the last block may be short
+    j = torch.searchsorted(inner.cumsum(-1), (target - before)[:, None]).squeeze(-1)
+    return (start + j.clamp_(max=block - 1)).clamp_(max=vocab - 1)
 
 
 @dataclass
@@ -312,16 +329,18 @@ class ContinuousSampler:
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[_Row]):
         """Draw one token per row; return tokens, their untempered log-probs, optional top-K."""
-        logp = torch.log_softmax(logits, dim=-1)  # untempered: the distribution in the KL
+        # Untempered log-probs (the distribution in the KL) as logits - logsumexp: fewer passes
+        # over the vocabulary than a full log_softmax.
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         uniforms = torch.cat([torch.rand(1, generator=r.gen, dtype=torch.float64) for r in rows])
         if self.params == SamplingParams(max_new_tokens=self.params.max_new_tokens):
-            probs = logp.double().exp()  # plain T=1 sampling: no filtering needed
+            probs = torch.exp(logits - lse)  # plain T=1 sampling: no filtering needed
         else:
             probs = filter_probs(logits, self.params)
         tokens = pick(probs.cpu(), uniforms)
-        token_logp = logp.cpu().gather(-1, tokens[:, None])[:, 0]
+        token_logp = (logits.cpu().gather(-1, tokens[:, None]) - lse.cpu())[:, 0]
         top = None
         if self.topk:
-            vals, idx = torch.topk(logp, self.topk, dim=-1)
-            top = (vals.cpu(), idx.cpu())
+            vals, idx = torch.topk(logits, self.topk, dim=-1)
+            top = ((vals - lse).cpu(), idx.cpu())
         return tokens, token_logp, top
