@@ -317,3 +317,11 @@ def test_sampler_with_mixed_prefix_lengths_matches_teacher_forcing(tiny_model):
     for d, s in zip(drawn, scored):
         assert torch.allclose(torch.tensor(d.token_logprobs, dtype=torch.float64),
                               s.token_logprobs, atol=1e-4)
+
+
+def test_python_api_returns_a_dataset(tiny_model, tmp_path):
+    from cftune.generate import generate_dataset
+
+    ds = generate_dataset(GenerateConfig(model=str(tiny_model), out=str(tmp_path / "s"),
+                                         num_samples=5, max_new_tokens=6, device="cpu"))
+    assert len(ds) == 5 and ds[0]["id"] == 0 and isinstance(ds[0]["logp_base"], float)

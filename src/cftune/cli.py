@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "Wise-FT: interpolate base and fine-tuned weights (or a LoRA adapter)"),
     "eval": ("cftune.evaluate", "EvalConfig", "evaluate",
              "compare models with their base: KL, zero-shot benchmarks, task accuracy"),
+    "run": ("cftune.run", "RunConfig", "run",
+            "one experiment config -> every stage, a results table and a trade-off plot"),
 }
 
 
@@ -39,8 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, cls_name, _, summary) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=summary)
-        p.add_argument("--config", help="YAML file of settings (flags given here override it)")
-        add_arguments(p, getattr(importlib.import_module(module), cls_name))
+        cls = getattr(importlib.import_module(module), cls_name)
+        positional = getattr(cls, "POSITIONAL", None)  # e.g. `cftune run CONFIG`
+        if positional:
+            p.add_argument(positional, help="experiment YAML file")
+        else:
+            p.add_argument("--config", help="YAML file of settings (flags given here override it)")
+        add_arguments(p, cls, skip=(positional,))
     return parser
 
 

@@ -107,10 +107,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple = ()) -> None:
     """Add one `--flag` per dataclass field; defaults stay None so YAML values are not overridden."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         inner, _ = _base_type(hints[f.name])
         help_ = f.metadata.get("help", "")

@@ -414,6 +414,13 @@ def generate(config: GenerateConfig) -> Path:
     return out
 
 
+def generate_dataset(config: GenerateConfig):
+    """`generate`, then the samples as a `datasets.Dataset` (for notebooks and other trainers)."""
+    from cftune.samples import load_samples
+
+    return load_samples(generate(config))
+
+
 def _shared_int(state, value: int, reduce_sum: bool = False) -> int:
     """The main process's value (or the sum over processes) on every process."""
     if state.num_processes == 1:

@@ -1,0 +1,465 @@
+"""`cftune run CONFIG`: one YAML file → the whole comparison, a results table and a trade-off plot.
+
+An experiment is a DAG of stages: task data → CF samples (a training pool and a held-out T=1 set)
+→ one training run per method → Wise-FT merges → evaluations → report. Every stage writes into a
+folder named by the hash of everything it depends on, and a stage whose folder already holds its
+finished output is skipped: a second `cftune run` does no work, a changed setting redoes only the
+stages downstream of it, and a killed run resumes (generation and training resume internally too).
+
+Config (YAML; unknown keys are errors):
+
+    model: smollm2-135m-instruct
+    task: {train: builtin:arithmetic, test: builtin:arithmetic, train_rows: 400, test_rows: 100,
+           prompt_field: question, response_field: answer}
+    cf: {max_new_tokens: 64, heldout: 128, batch_size: 32, dtype: fp32}   # GenerateConfig keys
+    train: {max_steps: 60, batch_size: 8, learning_rate: 1e-4}            # TrainConfig defaults
+    eval: {bench: [arc_easy], limit: 200, task_limit: 100, batch_size: 16}
+    runs:
+      - {name: full, method: full}
+      - {name: cfs, method: cfs, sweep: {cfs_ratio: [0.5, 1]}}             # → cfs-cfs_ratio=0.5 …
+      - {name: wise, method: wise-ft, of: full, alphas: [0.25, 0.5, 0.75]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from cftune.config import field, from_dict, load_yaml
+from cftune.errors import CftuneError
+from cftune.generate import GenerateConfig
+from cftune.models import DEFAULT_MODEL, fingerprint
+from cftune.samples import atomic_write_json, read_json
+from cftune.train import TrainConfig
+
+WISE_FT = "wise-ft"
+CF_METHODS = ("cfs", "kd")  # methods that consume the CF training pool
+RUN_KEYS = ("name", "method", "of", "alphas", "sweep")
+# Task prompt formats, as (train prompt_format, train prompt_template): the same text the
+# evaluation's `task_accuracy(prompt=...)` builds, so the model is tested in the format it learned.
+PROMPTS = {"chat": ("chat", "{prompt}\n"), "qa": ("plain", "Question: {prompt}\nAnswer:")}
+
+
+@dataclass
+class TaskSpec:
+    """Task data: files (JSONL/CSV/Parquet) or a built-in generator such as `builtin:arithmetic`."""
+
+    train: str = field("builtin:arithmetic", "training data: file or builtin:NAME")
+    test: str = field("builtin:arithmetic", "test data (GSM8K format): file or builtin:NAME")
+    train_rows: int = field(400, "rows of a builtin train split (files: first N rows, 0 = all)")
+    test_rows: int = field(100, "rows of a builtin test split (files: first N rows, 0 = all)")
+    seed: int = field(0, "seed of builtin task generation")
+    prompt_field: str = field("question", "prompt field of the task rows")
+    response_field: str = field("answer", "response field of the task rows")
+    prompt: str = field("chat", "prompt format for training and evaluation alike: chat (the "
+                        "model's chat template) | qa ('Question: …\\nAnswer:', for base models)")
+
+    def __post_init__(self) -> None:
+        if self.prompt not in PROMPTS:
+            raise CftuneError(f"task.prompt '{self.prompt}' is not one of {', '.join(PROMPTS)}")
+
+
+@dataclass
+class EvalSpec:
+    """What every model is measured on."""
+
+    bench: list[str] = field([], "zero-shot benchmarks (registry names or JSONL files)")
+    limit: int = field(200, "items per benchmark (the first N)")
+    task_limit: int = field(100, "task test rows scored by greedy exact match")
+    max_new_tokens: int = field(96, "generated tokens per task answer")
+    batch_size: int = field(16, "sequences per forward pass")
+    dtype: str = field("fp32", "fp32 | bf16")
+    data_dir: str | None = field(None, "folder holding benchmark files (default: auto)")
+
+
+@dataclass
+class RunConfig:
+    """Settings of `cftune run` itself (the experiment is described by the YAML file)."""
+
+    experiment: str = field("configs/quickstart.yaml", "experiment YAML file")
+    out: str | None = field(None, "experiment folder (default: experiments/<file name>)")
+    only: list[str] = field([], "run only these runs (and what they need)")
+    dry_run: bool = field(False, "print the stages and whether each is cached, then stop")
+
+    POSITIONAL = "experiment"  # `cftune run CONFIG`
+
+
+@dataclass
+class Stage:
+    """One unit of work: its name, output folder, and the function that fills the folder."""
+
+    name: str
+    folder: Path
+    work: Callable[[], None]
+    done: Callable[[], bool]
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+class Experiment:
+    """A parsed, validated experiment config and the stages it expands into."""
+
+    def __init__(self, path: Path, out: Path | None = None):
+        raw = load_yaml(path)
+        allowed = {"name", "model", "task", "cf", "train", "eval", "runs", "seed"}
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise CftuneError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: "
+                              f"{', '.join(sorted(allowed))}")
+        self.path = path
+        self.name = str(raw.get("name", path.stem))
+        self.out = out or Path("experiments") / self.name
+        self.model = str(raw.get("model", DEFAULT_MODEL))
+        self.seed = int(raw.get("seed", 0))
+        self.task = from_dict(TaskSpec, raw.get("task") or {}, f"{path}: task")
+        for split in ("train", "test"):
+            spec = getattr(self.task, split)
+            if not spec.startswith("builtin:") and not Path(spec).is_file():
+                raise CftuneError(f"{path}: task.{split}: file {spec} not found")
+        self.eval = from_dict(EvalSpec, raw.get("eval") or {}, f"{path}: eval")
+        cf = dict(raw.get("cf") or {})
+        self.cf_heldout = int(cf.pop("heldout", 128))
+        for banned in ("model", "out", "num_samples"):
+            if banned in cf:
+                raise CftuneError(f"{path}: cf.{banned} is set by the runner; remove it")
+        self.cf = from_dict(GenerateConfig, {"model": self.model, **cf}, f"{path}: cf")
+        self.train_defaults = dict(raw.get("train") or {})
+        self._check_train_keys(self.train_defaults, f"{path}: train")
+        self.runs = self._expand_runs(raw.get("runs") or [])
+        self._check_benchmarks()
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_train_keys(self, values: dict[str, Any], where: str) -> None:
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CftuneError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+        for runner_set in ("model", "task", "out", "cfs"):
+            if runner_set in values:
+                raise CftuneError(f"{where}: `{runner_set}` is set by the runner; remove it")
+
+    def _expand_runs(self, runs: list[Any]) -> list[dict[str, Any]]:
+        if not isinstance(runs, list) or not runs:
+            raise CftuneError(f"{self.path}: `runs` must be a non-empty list of runs")
+        out: list[dict[str, Any]] = []
+        for i, run in enumerate(runs):
+            where = f"{self.path}: runs[{i}]"
+            if not isinstance(run, dict) or "name" not in run or "method" not in run:
+                raise CftuneError(f"{where}: each run needs a `name` and a `method`")
+            settings = {k: v for k, v in run.items() if k not in RUN_KEYS}
+            if run["method"] == WISE_FT:
+                if "of" not in run or "alphas" not in run:
+                    raise CftuneError(f"{where}: a wise-ft run needs `of` (a run name) and `alphas`")
+                if settings:
+                    raise CftuneError(f"{where}: a wise-ft run takes no training settings "
+                                      f"({', '.join(sorted(settings))})")
+                for a in run["alphas"]:
+                    out.append({"name": f"{run['name']}-a{a}", "method": WISE_FT,
+                                "of": str(run["of"]), "alpha": float(a)})
+                continue
+            self._check_train_keys({**settings, "method": run["method"]}, where)
+            sweep = run.get("sweep") or {}
+            if len(sweep) > 1:
+                raise CftuneError(f"{where}: sweep over one setting at a time (got {list(sweep)})")
+            self._check_train_keys(sweep, f"{where}: sweep")
+            for key, values in sweep.items() or [(None, [None])]:
+                for v in values:
+                    name = run["name"] if key is None else f"{run['name']}-{key}={v}"
+                    extra = {} if key is None else {key: v}
+                    out.append({"name": name, "method": run["method"],
+                                "settings": {**self.train_defaults, **settings, **extra}})
+        names = [r["name"] for r in out]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise CftuneError(f"{self.path}: duplicated run name(s) {', '.join(dupes)}")
+        for r in out:
+            if r["method"] == WISE_FT:
+                parent = next((p for p in out if p["name"] == r["of"]), None)
+                if parent is None or parent["method"] == WISE_FT:
+                    raise CftuneError(f"{self.path}: run '{r['name']}' merges unknown run "
+                                      f"'{r['of']}' (of: must name a training run)")
+            else:  # fail now, not after an hour of training, on bad values
+                self.train_config(r)
+        return out
+
+    def _check_benchmarks(self) -> None:
+        from cftune.evaluate import benchmarks
+
+        for name in self.eval.bench:
+            benchmarks.resolve(name, self.eval.data_dir)
+
+    # ------------------------------------------------------------------ stage settings
+
+    def train_settings(self, run: dict[str, Any], task_file: Path, cf_folder: Path | None
+                       ) -> dict[str, Any]:
+        """A run's TrainConfig values (the runner sets model, data and prompt format)."""
+        settings = {"model": self.model, "task": str(task_file), "out": "unused",
+                    "prompt_field": self.task.prompt_field,
+                    "response_field": self.task.response_field, "seed": self.seed,
+                    "prompt_format": PROMPTS[self.task.prompt][0],
+                    "prompt_template": PROMPTS[self.task.prompt][1],
+                    "method": run["method"], **run["settings"]}
+        if settings["method"] in CF_METHODS:
+            settings["cfs"] = str(cf_folder)
+        return settings
+
+    def train_config(self, run: dict[str, Any]) -> TrainConfig:
+        """The run's TrainConfig with placeholder data paths: validates every other setting
+        before anything runs (the data files are written by earlier stages)."""
+        placeholder = "builtin:arithmetic"  # passes the existence checks, like a builtin task
+        settings = self.train_settings(run, Path(placeholder), Path(placeholder))
+        return from_dict(TrainConfig, settings, f"{self.path}: run '{run['name']}'")
+
+    def cf_consumed(self, run: dict[str, Any]) -> int:
+        """CF examples a run draws in training: steps × batch × accumulation × r/(1+r)."""
+        cfg = self.train_config(run)
+        if cfg.method not in CF_METHODS:
+            return 0
+        per_step = cfg.batch_size * cfg.grad_accum
+        if cfg.cfs_mode == "mix":
+            per_step = per_step * cfg.cfs_ratio / (1 + cfg.cfs_ratio)
+        return math.ceil(cfg.max_steps * per_step)
+
+
+class Runner:
+    """Turns an `Experiment` into stages and runs those not cached."""
+
+    def __init__(self, exp: Experiment, only: list[str]):
+        self.exp = exp
+        self.out = exp.out
+        unknown = sorted(set(only) - {r["name"] for r in exp.runs})
+        if unknown:
+            raise CftuneError(f"--only: unknown run(s) {', '.join(unknown)}")
+        wanted = set(only) or {r["name"] for r in exp.runs}
+        for r in exp.runs:  # a merge needs its parent
+            if r["name"] in wanted and r["method"] == WISE_FT:
+                wanted.add(r["of"])
+        self.runs = [r for r in exp.runs if r["name"] in wanted]
+        self.base_fp = fingerprint(exp.model)
+        self.stages: list[Stage] = []
+        self.models: dict[str, Path | str] = {"base": exp.model}
+        self._plan()
+
+    # ------------------------------------------------------------------ planning
+
+    def _plan(self) -> None:
+        exp = self.exp
+        data_key = _key(dataclasses.asdict(exp.task))
+        data_dir = self.out / "data" / data_key
+        self.train_file, self.test_file = data_dir / "train.jsonl", data_dir / "test.jsonl"
+        self._add("data", data_dir, self._write_data, lambda: self.test_file.is_file())
+
+        need = max([exp.cf_consumed(r) for r in self.runs if r["method"] != WISE_FT] or [0])
+        kd = any(r["settings"].get("method", r["method"]) == "kd"
+                 for r in self.runs if r["method"] != WISE_FT)
+        cf_settings = {**dataclasses.asdict(exp.cf), "topk_logprobs":
+                       max(exp.cf.topk_logprobs, 20 if kd else 0)}
+        self.pool = None
+        if need:
+            self.pool = self._generate_stage("cf-pool", cf_settings, need, exp.cf.seed)
+        held_seed = exp.cf.seed + 1_000_003  # disjoint random streams from the pool's
+        self.heldout = self._generate_stage(
+            "cf-heldout", {**cf_settings, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                           "min_p": 0.0, "topk_logprobs": 0}, exp.cf_heldout, held_seed)
+
+        for r in self.runs:
+            if r["method"] == WISE_FT:
+                parent = self.models[r["of"]]
+                folder = self.out / "runs" / f"{r['name']}-{_key(str(parent), r['alpha'])}"
+                self._add(f"merge {r['name']}", folder, self._merge_work(parent, folder, r["alpha"]),
+                          lambda f=folder: (f / "config.json").is_file())
+            else:
+                settings = exp.train_settings(r, self.train_file, self.pool)
+                folder = self.out / "runs" / f"{r['name']}-{_key(settings, self.base_fp)}"
+                self._add(f"train {r['name']}", folder, self._train_work(settings, folder),
+                          lambda f=folder: (f / "manifest.json").is_file())
+            self.models[r["name"]] = folder
+        eval_key = _key(dataclasses.asdict(exp.eval), str(self.heldout), str(self.test_file))
+        for name, model in self.models.items():
+            folder = self.out / "evals" / f"{name}-{_key(str(model), eval_key)}"
+            self._add(f"eval {name}", folder, self._eval_work(name, model, folder),
+                      lambda f=folder: (f / "result.json").is_file())
+
+    def _add(self, name: str, folder: Path, work: Callable[[], None],
+             done: Callable[[], bool]) -> None:
+        self.stages.append(Stage(name, folder, work, done))
+
+    def _generate_stage(self, name: str, settings: dict[str, Any], n: int, seed: int) -> Path:
+        from cftune.generate import generate
+
+        settings = {**settings, "seed": seed, "num_samples": n}
+        folder = self.out / "cf" / f"{name}-{_key({**settings, 'out': None}, self.base_fp)}"
+        config = GenerateConfig(**{**settings, "out": str(folder)})
+
+        def done() -> bool:
+            m = folder / "manifest.json"
+            return m.is_file() and read_json(m)["counts"]["samples"] >= n
+
+        self._add(f"generate {name} ({n} samples)", folder, lambda: generate(config), done)
+        return folder
+
+    # ------------------------------------------------------------------ stage work
+
+    def _write_data(self) -> None:
+        from cftune.tasks import is_builtin, resolve_task, write_jsonl
+
+        t = self.exp.task
+        for spec, split, n, path in ((t.train, "train", t.train_rows, self.train_file),
+                                     (t.test, "test", t.test_rows, self.test_file)):
+            if is_builtin(spec):
+                write_jsonl(resolve_task(spec, split, n, t.seed), path)
+            else:
+                src = Path(spec)
+                if not src.is_file():
+                    raise CftuneError(f"{self.exp.path}: task.{split} file {src} not found")
+                from cftune.samples import iter_jsonl
+
+                rows = list(iter_jsonl(src)) if src.suffix == ".jsonl" else None
+                if rows is None:
+                    raise CftuneError(f"{self.exp.path}: task.{split}: the runner reads JSONL "
+                                      f"task files (got {src.suffix})")
+                write_jsonl(rows[: n or None], path)
+
+    def _train_work(self, settings: dict[str, Any], folder: Path) -> Callable[[], None]:
+        from cftune.train import train
+
+        return lambda: train(from_dict(TrainConfig, {**settings, "out": str(folder)}))
+
+    def _merge_work(self, parent: Path, folder: Path, alpha: float) -> Callable[[], None]:
+        from cftune.merge import MergeConfig, merge
+
+        return lambda: merge(MergeConfig(finetuned=str(parent), out=str(folder),
+                                         base=self.exp.model, alpha=alpha))
+
+    def _eval_work(self, name: str, model_path: Path | str, folder: Path) -> Callable[[], None]:
+        def work() -> None:
+            atomic_write_json_mkdir(folder / "result.json",
+                                    evaluate_one(self.exp, name, model_path, self.heldout,
+                                                 self.test_file, self.base_fp))
+        return work
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, dry_run: bool = False) -> list[dict[str, Any]] | None:
+        todo = [s for s in self.stages if not s.done()]
+        for i, s in enumerate(self.stages, 1):
+            state = "cached" if s not in todo else "to do"
+            if dry_run:
+                print(f"[{i}/{len(self.stages)}] {s.name:32s} {state:7s} {s.folder}")
+        if dry_run:
+            return None
+        started = time.time()
+        for i, s in enumerate(todo, 1):
+            spent = time.time() - started
+            eta = f", ~{spent / (i - 1) * (len(todo) - i + 1) / 60:.0f} min left" if i > 1 else ""
+            print(f"== [{i}/{len(todo)}] {s.name} -> {s.folder}{eta}", flush=True)
+            t = time.time()
+            s.work()
+            (s.folder / ".wall_time_s").parent.mkdir(parents=True, exist_ok=True)
+            (s.folder / ".wall_time_s").write_text(f"{time.time() - t:.1f}\n")
+        if not todo:
+            print(f"{self.out}: every stage is cached; nothing to do")
+        return self.results()
+
+    def results(self) -> list[dict[str, Any]]:
+        rows = []
+        for name, model in self.models.items():
+            folder = next(s.folder for s in self.stages if s.name == f"eval {name}")
+            result = read_json(folder / "result.json")
+            run = next((r for r in self.runs if r["name"] == name), None)
+            row = {"run": name, "method": "base" if run is None else
+                   (run["method"] if run["method"] == WISE_FT else
+                    run["settings"].get("method", run["method"])),
+                   "parent": run.get("of") if run else None,
+                   "alpha": run.get("alpha") if run else None,
+                   "metrics": result["metrics"], "steps": None, "tokens": None,
+                   "wall_time_s": None}
+            if run is not None and run["method"] != WISE_FT:
+                row.update(_training_facts(Path(model)))
+            rows.append(row)
+        return rows
+
+
+def _training_facts(folder: Path) -> dict[str, Any]:
+    """Steps, tokens and wall time from a training run's manifest (absent keys stay None)."""
+    m = read_json(folder / "manifest.json") if (folder / "manifest.json").is_file() else {}
+    return {"steps": m.get("steps"), "tokens": m.get("tokens"),
+            "wall_time_s": m.get("wall_time_s")}
+
+
+def atomic_write_json_mkdir(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, obj)
+
+
+def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Path,
+                 test_file: Path, base_fp: str) -> dict[str, Any]:
+    """Every metric of one model, in the report's row-metric format."""
+    from cftune.evaluate import kl_to_base, run_benchmark, task_accuracy
+    from cftune.models import load_model, load_tokenizer
+
+    e = exp.eval
+    tokenizer = load_tokenizer(model_spec)
+    model = load_model(model_spec, "auto", e.dtype, inference=True)
+    metrics: dict[str, Any] = {}
+    acc = task_accuracy(model, tokenizer, test_file, limit=e.task_limit,
+                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, dtype=e.dtype,
+                        prompt=exp.task.prompt)
+    metrics["task_acc"] = _metric(acc, "acc")
+    kl = kl_to_base(model, heldout, batch_size=e.batch_size, dtype=e.dtype,
+                    base_fingerprint=base_fp, tokenizer=tokenizer)
+    metrics["kl"] = _metric(kl, "value")
+    metrics["kl_per_token"] = _metric(kl, "per_token")
+    accs = []
+    for bench in e.bench:
+        res = run_benchmark(model, tokenizer, bench, limit=e.limit, batch_size=e.batch_size,
+                            dtype=e.dtype, data_dir=e.data_dir)
+        key = "acc_norm" if "acc_norm" in res else "acc"
+        metrics[f"bench/{bench}"] = _metric(res, key)
+        accs.append(res[key])
+    if accs:
+        se = math.sqrt(sum((metrics[f"bench/{b}"]["stderr"] or 0) ** 2 for b in e.bench)) / len(accs)
+        mean = sum(accs) / len(accs)
+        metrics["bench_avg"] = {"value": mean, "stderr": se,
+                                "ci95": [mean - 1.96 * se, mean + 1.96 * se],
+                                "n": sum(metrics[f"bench/{b}"]["n"] for b in e.bench)}
+    return {"model": str(model_spec), "name": name, "metrics": metrics}
+
+
+def _metric(result: dict[str, Any], key: str) -> dict[str, Any]:
+    """Normalise an eval result's `key` (with `key_stderr` / `key_ci95` beside it, or the plain
+    `stderr` / `ci95` for `value`, or a nested dict) to the report's {value, stderr, ci95, n}."""
+    if isinstance(result.get(key), dict):
+        result, key = result[key], "value"
+    value = result.get(key)
+    se = result.get(f"{key}_stderr", result.get("stderr"))
+    ci = result.get(f"{key}_ci95", result.get("ci95"))
+    if ci is None and se is not None and value is not None:
+        ci = [value - 1.96 * se, value + 1.96 * se]
+    return {"value": value, "stderr": se, "ci95": ci, "n": result.get("n")}
+
+
+def run(config: RunConfig) -> Path | None:
+    """Run (or resume) an experiment; write results.{csv,json,md} and tradeoff.png."""
+    from cftune.report import print_table, write_report
+
+    path = Path(config.experiment)
+    exp = Experiment(path, Path(config.out) if config.out else None)
+    runner = Runner(exp, config.only)
+    rows = runner.run(dry_run=config.dry_run)
+    if rows is None:
+        return None
+    write_report(rows, runner.out)
+    atomic_write_json(runner.out / "results.json", rows)
+    print_table(rows)
+    print(f"wrote {runner.out}/results.csv, results.md, results.json, tradeoff.png")
+    return runner.out
