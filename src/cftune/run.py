@@ -40,6 +40,7 @@ from cftune.train import TrainConfig
 
 WISE_FT = "wise-ft"
 CF_METHODS = ("cfs", "kd")  # methods that consume the CF training pool
+STREAM_METHODS = CF_METHODS + ("contextual", "replay")  # methods with a second data stream
 RUN_KEYS = ("name", "method", "of", "alphas", "sweep")
 # Task prompt formats, as (train prompt_format, train prompt_template): the same text the
 # evaluation's `task_accuracy(prompt=...)` builds, so the model is tested in the format it learned.
@@ -63,6 +64,16 @@ class TaskSpec:
     def __post_init__(self) -> None:
         if self.prompt not in PROMPTS:
             raise CftuneError(f"task.prompt '{self.prompt}' is not one of {', '.join(PROMPTS)}")
+
+
+@dataclass
+class ReplaySpec:
+    """The generic corpus of the `replay` baseline (the paper's "Pretrain-Aug")."""
+
+    file: str | None = field(None, "JSONL corpus file")
+    fields: list[str] = field(["text"], "fields joined into one text per row")
+    join: str = field(" ", "separator between the joined fields")
+    rows: int = field(0, "first N rows (0 = all)")
 
 
 @dataclass
@@ -109,7 +120,7 @@ class Experiment:
 
     def __init__(self, path: Path, out: Path | None = None):
         raw = load_yaml(path)
-        allowed = {"name", "model", "task", "cf", "train", "eval", "runs", "seed"}
+        allowed = {"name", "model", "task", "cf", "train", "eval", "runs", "seed", "replay"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise CftuneError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: "
@@ -125,6 +136,9 @@ class Experiment:
             if not spec.startswith("builtin:") and not Path(spec).is_file():
                 raise CftuneError(f"{path}: task.{split}: file {spec} not found")
         self.eval = from_dict(EvalSpec, raw.get("eval") or {}, f"{path}: eval")
+        self.replay = from_dict(ReplaySpec, raw.get("replay") or {}, f"{path}: replay")
+        if self.replay.file and not Path(self.replay.file).is_file():
+            raise CftuneError(f"{path}: replay.file {self.replay.file} not found")
         cf = dict(raw.get("cf") or {})
         self.cf_heldout = int(cf.pop("heldout", 128))
         for banned in ("model", "out", "num_samples"):
@@ -199,17 +213,20 @@ class Experiment:
 
     # ------------------------------------------------------------------ stage settings
 
-    def train_settings(self, run: dict[str, Any], task_file: Path, cf_folder: Path | None
+    def train_settings(self, run: dict[str, Any], task_file: Path, stream: Path | None
                        ) -> dict[str, Any]:
-        """A run's TrainConfig values (the runner sets model, data and prompt format)."""
+        """A run's TrainConfig values (the runner sets model, data and prompt format); `stream`
+        is the run's second data stream: CF pool, contextual samples or replay corpus."""
         settings = {"model": self.model, "task": str(task_file), "out": "unused",
                     "prompt_field": self.task.prompt_field,
                     "response_field": self.task.response_field, "seed": self.seed,
                     "prompt_format": PROMPTS[self.task.prompt][0],
                     "prompt_template": PROMPTS[self.task.prompt][1],
                     "method": run["method"], **run["settings"]}
-        if settings["method"] in CF_METHODS:
-            settings["cfs"] = str(cf_folder)
+        if settings["method"] == "replay":
+            settings["replay"] = str(stream)
+        elif settings["method"] in STREAM_METHODS:
+            settings["cfs"] = str(stream)
         return settings
 
     def train_config(self, run: dict[str, Any]) -> TrainConfig:
@@ -222,7 +239,7 @@ class Experiment:
     def cf_consumed(self, run: dict[str, Any]) -> int:
         """CF examples a run draws in training: steps × batch × accumulation × r/(1+r)."""
         cfg = self.train_config(run)
-        if cfg.method not in CF_METHODS:
+        if cfg.method not in STREAM_METHODS:
             return 0
         per_step = cfg.batch_size * cfg.grad_accum
         if cfg.cfs_mode == "mix":
@@ -258,14 +275,31 @@ class Runner:
         self.train_file, self.test_file = data_dir / "train.jsonl", data_dir / "test.jsonl"
         self._add("data", data_dir, self._write_data, lambda: self.test_file.is_file())
 
-        need = max([exp.cf_consumed(r) for r in self.runs if r["method"] != WISE_FT] or [0])
-        kd = any(r["settings"].get("method", r["method"]) == "kd"
-                 for r in self.runs if r["method"] != WISE_FT)
+        trained = [r for r in self.runs if r["method"] != WISE_FT]
+        need = max([exp.cf_consumed(r) for r in trained if r["method"] in CF_METHODS] or [0])
+        kd = any(r["method"] == "kd" for r in trained)
         cf_settings = {**dataclasses.asdict(exp.cf), "topk_logprobs":
                        max(exp.cf.topk_logprobs, 20 if kd else 0)}
         self.pool = None
         if need:
             self.pool = self._generate_stage("cf-pool", cf_settings, need, exp.cf.seed)
+        contextual = max([exp.cf_consumed(r) for r in trained if r["method"] == "contextual"]
+                         or [0])
+        self.contextual = None
+        if contextual:  # the base's own answers to the training prompts
+            self.contextual = self._generate_stage(
+                "contextual", {**cf_settings, "task_prompts": str(self.train_file),
+                               "prompt_field": exp.task.prompt_field,
+                               "chat": exp.task.prompt == "chat", "topk_logprobs": 0},
+                contextual, exp.cf.seed)
+        self.replay_file = None
+        if any(r["method"] == "replay" for r in trained):
+            if not exp.replay.file:
+                raise CftuneError(f"{exp.path}: a replay run needs `replay: {{file: ...}}`")
+            folder = self.out / "data" / f"replay-{_key(dataclasses.asdict(exp.replay))}"
+            self.replay_file = folder / "replay.jsonl"
+            self._add("replay corpus", folder, self._write_replay,
+                      lambda: self.replay_file.is_file())
         held_seed = exp.cf.seed + 1_000_003  # disjoint random streams from the pool's
         self.heldout = self._generate_stage(
             "cf-heldout", {**cf_settings, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
@@ -278,7 +312,9 @@ class Runner:
                 self._add(f"merge {r['name']}", folder, self._merge_work(parent, folder, r["alpha"]),
                           lambda f=folder: (f / "config.json").is_file())
             else:
-                settings = exp.train_settings(r, self.train_file, self.pool)
+                stream = {"replay": self.replay_file, "contextual": self.contextual}.get(
+                    r["method"], self.pool)
+                settings = exp.train_settings(r, self.train_file, stream)
                 folder = self.out / "runs" / f"{r['name']}-{_key(settings, self.base_fp)}"
                 self._add(f"train {r['name']}", folder, self._train_work(settings, folder),
                           lambda f=folder: (f / "manifest.json").is_file())
@@ -328,6 +364,22 @@ class Runner:
                     raise CftuneError(f"{self.exp.path}: task.{split}: the runner reads JSONL "
                                       f"task files (got {src.suffix})")
                 write_jsonl(rows[: n or None], path)
+
+    def _write_replay(self) -> None:
+        from cftune.samples import iter_jsonl
+        from cftune.tasks import write_jsonl
+
+        spec = self.exp.replay
+        rows = []
+        for n, row in enumerate(iter_jsonl(Path(spec.file)), 1):
+            missing = [f for f in spec.fields if f not in row]
+            if missing:
+                raise CftuneError(f"{spec.file} line {n}: no field(s) {', '.join(missing)} "
+                                  "(set replay.fields)")
+            rows.append({"text": spec.join.join(str(row[f]) for f in spec.fields)})
+            if spec.rows and len(rows) >= spec.rows:
+                break
+        write_jsonl(rows, self.replay_file)
 
     def _train_work(self, settings: dict[str, Any], folder: Path) -> Callable[[], None]:
         from cftune.train import train
