@@ -302,8 +302,10 @@ class Runner:
                       lambda: self.replay_file.is_file())
         held_seed = exp.cf.seed + 1_000_003  # disjoint random streams from the pool's
         self.heldout = self._generate_stage(
+            # Unfiltered T=1 draws: the KL estimate is unbiased only for samples x ~ p_base.
             "cf-heldout", {**cf_settings, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                           "min_p": 0.0, "topk_logprobs": 0}, exp.cf_heldout, held_seed)
+                           "min_p": 0.0, "topk_logprobs": 0, "dedup": False, "min_tokens": 0},
+            exp.cf_heldout, held_seed)
 
         for r in self.runs:
             if r["method"] == WISE_FT:
@@ -333,7 +335,10 @@ class Runner:
         from cftune.generate import generate
 
         settings = {**settings, "seed": seed, "num_samples": n}
-        folder = self.out / "cf" / f"{name}-{_key({**settings, 'out': None}, self.base_fp)}"
+        # The folder is keyed without the count: asking for more samples extends it (sample i
+        # is the same either way), so a longer training run reuses what was drawn.
+        key = _key({**settings, "out": None, "num_samples": None}, self.base_fp)
+        folder = self.out / "cf" / f"{name}-{key}"
         config = GenerateConfig(**{**settings, "out": str(folder)})
 
         def done() -> bool:
@@ -409,15 +414,13 @@ class Runner:
                 print(f"[{i}/{len(self.stages)}] {s.name:32s} {state:7s} {s.folder}")
         if dry_run:
             return None
-        started = time.time()
+        spent: dict[str, list[float]] = {}  # seconds per finished stage, by kind
         for i, s in enumerate(todo, 1):
-            spent = time.time() - started
-            eta = f", ~{spent / (i - 1) * (len(todo) - i + 1) / 60:.0f} min left" if i > 1 else ""
-            print(f"== [{i}/{len(todo)}] {s.name} -> {s.folder}{eta}", flush=True)
+            print(f"== [{i}/{len(todo)}] {s.name} -> {s.folder}{_eta(todo[i - 1:], spent)}",
+                  flush=True)
             t = time.time()
             s.work()
-            (s.folder / ".wall_time_s").parent.mkdir(parents=True, exist_ok=True)
-            (s.folder / ".wall_time_s").write_text(f"{time.time() - t:.1f}\n")
+            spent.setdefault(_kind(s), []).append(time.time() - t)
         if not todo:
             print(f"{self.out}: every stage is cached; nothing to do")
         return self.results()
@@ -439,6 +442,20 @@ class Runner:
                 row.update(_training_facts(Path(model)))
             rows.append(row)
         return rows
+
+
+def _kind(stage: Stage) -> str:
+    return stage.name.split()[0]  # generate / train / merge / eval / data / replay
+
+
+def _eta(remaining: list[Stage], spent: dict[str, list[float]]) -> str:
+    """A rough time left: each remaining stage costs what finished stages of its kind cost."""
+    if not spent:
+        return ""
+    every = [t for times in spent.values() for t in times]
+    guess = sum(sum(spent.get(_kind(s), every)) / len(spent.get(_kind(s), every))
+                for s in remaining)
+    return f" (~{guess / 60:.0f} min left)"
 
 
 def _training_facts(folder: Path) -> dict[str, Any]:

@@ -1,0 +1,128 @@
+"""The comparison report: one row per metric, one column per model plus its delta to the base.
+
+Intervals are normal 95% intervals (1.96 standard errors). A delta's interval adds the two
+variances, which treats base and model as independent: conservative, since both score the same
+items and their errors are positively correlated.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from pathlib import Path
+
+from cftune import __version__
+from cftune.evaluate.kl import Z95
+from cftune.samples import atomic_write_json, atomic_write_text
+
+
+def rows_of(kind: str, name: str, result: dict) -> list[tuple[str, float, float | None, bool]]:
+    """The reported (metric, value, stderr, higher_is_better) rows of one raw result."""
+    if kind == "kl":
+        return [("kl", result["value"], result["stderr"], False),
+                ("kl_per_token", result["per_token"]["value"], result["per_token"]["stderr"], False)]
+    if kind == "task":
+        return [(f"{name}/acc", result["acc"], result["acc_stderr"], True)]
+    if kind == "perplexity":
+        return [(f"{name}/perplexity", result["perplexity"], None, False),
+                (f"{name}/bits_per_byte", result["bits_per_byte"], None, False)]
+    rows = [(f"{name}/acc", result["acc"], result["acc_stderr"], True)]
+    if "acc_norm" in result:
+        rows.append((f"{name}/acc_norm", result["acc_norm"], result["acc_norm_stderr"], True))
+    if "perplexity" in result:
+        rows.append((f"{name}/perplexity", result["perplexity"], None, False))
+    return rows
+
+
+def _interval(value: float, se: float | None) -> list[float] | None:
+    if se is None or math.isnan(se):
+        return None
+    return [value - Z95 * se, value + Z95 * se]
+
+
+def build_entries(results: dict[str, list[tuple[str, str, dict]]], base: str) -> list[dict]:
+    """eval.json entries: one per (model, metric), with the delta to the base's value."""
+    base_rows = {m: (v, se) for kind, name, r in results.get(base, [])
+                 for m, v, se, _ in rows_of(kind, name, r)}
+    entries = []
+    for model, raw in results.items():
+        for kind, name, r in raw:
+            for metric, value, se, higher in rows_of(kind, name, r):
+                entry = {"model": model, "metric": metric, "value": value, "stderr": se,
+                         "ci95": _interval(value, se), "n": r.get("n"),
+                         "higher_is_better": higher, "compared_to": base}
+                if model != base and metric in base_rows:
+                    bv, bse = base_rows[metric]
+                    dse = math.hypot(se, bse) if se is not None and bse is not None else None
+                    entry.update(delta=value - bv, delta_ci95=_interval(value - bv, dse))
+                entries.append(entry)
+    return entries
+
+
+def _fmt(value: float | None, se: float | None, signed: bool = False) -> str:
+    if value is None:
+        return ""
+    text = f"{value:+.4f}" if signed else f"{value:.4f}"
+    return text + (f" ±{Z95 * se:.4f}" if se is not None and not math.isnan(se) else "")
+
+
+def table(entries: list[dict], models: list[str], base: str) -> list[list[str]]:
+    """Rows of the comparison table (header first)."""
+    label = {m: Path(m).name or m for m in models}
+    header = ["metric", "n", f"{label[base]} (base)"]
+    for m in models:
+        if m != base:
+            header += [label[m], "Δ vs base"]
+    by_key = {(e["model"], e["metric"]): e for e in entries}
+    metrics = list(dict.fromkeys(e["metric"] for e in entries))
+    rows = [header]
+    for metric in metrics:
+        b = by_key.get((base, metric), {})
+        n = next((e["n"] for e in entries if e["metric"] == metric), "")
+        row = [metric, str(n), _fmt(b.get("value"), b.get("stderr"))]
+        for m in models:
+            if m == base:
+                continue
+            e = by_key.get((m, metric), {})
+            d = e.get("delta_ci95")
+            dse = (d[1] - d[0]) / (2 * Z95) if d else None
+            row += [_fmt(e.get("value"), e.get("stderr")), _fmt(e.get("delta"), dse, signed=True)]
+        rows.append(row)
+    return rows
+
+
+def render_text(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_markdown(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"cftune": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def write(out: Path, entries: list[dict], models: list[dict], base: str, config: dict,
+          raw: dict) -> str:
+    """Write eval.json and eval.md under `out`; return the text table."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table(entries, [m["spec"] for m in models], base)
+    note = ("Values ± half-width of the 95% interval (1.96 standard errors). KL(base ‖ model) in "
+            "nats per sequence and per token; Δ intervals treat base and model as independent.")
+    atomic_write_text(out / "eval.md", f"# cftune eval\n\n{render_markdown(rows)}\n\n{note}\n")
+    atomic_write_json(out / "eval.json", {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(),
+        "base": base, "models": models, "config": config, "results": entries, "raw": raw,
+    })
+    return render_text(rows)

@@ -1,0 +1,183 @@
+"""KL(base ‖ model) from CF samples: 0 for the base, positive when perturbed, equal to the exact
+KL (by enumeration on a 6-token model) within its error bar, and refusals for unusable samples.
+
+Samples are drawn here with plain ancestral sampling, so these tests don't depend on `cftune
+generate`; the manifest carries the fields that stage writes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cftune.errors import CftuneError
+from cftune.evaluate.kl import kl_to_base
+from cftune.models import fingerprint, load_model, load_tokenizer
+from cftune.scoring import score_continuations
+
+
+@torch.no_grad()
+def ancestral(model, prefix: list[int], eos: int, n: int, max_new: int, seed: int) -> list[dict]:
+    """n samples at temperature 1 (no truncation), each stopped at EOS or after max_new tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([prefix] * n)
+    done = torch.zeros(n, dtype=torch.bool)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    for _ in range(max_new):
+        probs = torch.softmax(model(input_ids=ids).logits[:, -1].double(), -1)
+        nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        for i in range(n):
+            if not done[i]:
+                tokens[i].append(int(nxt[i]))
+        done |= nxt == eos
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        if done.all():
+            break
+    return [{"token_ids": t, "finished": t[-1] == eos} for t in tokens]
+
+
+def write_sample_folder(folder: Path, base, base_spec: str | None, records: list[dict],
+                        prefix: list[int], tokenizer=None, sampling: dict | None = None,
+                        counts: dict | None = None) -> Path:
+    """A finished CF sample folder as `cftune generate` writes it (logp_base scored here)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scored = score_continuations(base, [(prefix, r["token_ids"]) for r in records], batch_size=64)
+    with open(folder / "samples.jsonl", "w") as f:
+        for i, (r, s) in enumerate(zip(records, scored)):
+            text = tokenizer.decode(r["token_ids"]) if tokenizer else ""
+            f.write(json.dumps({"id": i, "text": text, "token_ids": r["token_ids"],
+                                "n_tokens": len(r["token_ids"]), "finished": r["finished"],
+                                "logp_base": s.logprob}) + "\n")
+    manifest = {
+        "model": base_spec, "model_fingerprint": fingerprint(base_spec) if base_spec else None,
+        "tokenizer": {"name_or_path": base_spec, "vocab_size": len(tokenizer),
+                      "bos_token_id": tokenizer.bos_token_id,
+                      "eos_token_ids": [tokenizer.eos_token_id]} if tokenizer else {},
+        "prefix_ids": prefix, "prefix_source": "bos",
+        "sampling": sampling or {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                                 "max_new_tokens": 64, "seed": 0},
+        "counts": counts or {"samples": len(records), "filtered_min_tokens": 0,
+                             "filtered_duplicates": 0},
+        "topk_logprobs": 0,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def perturb(src: Path, dst: Path, scale: float = 0.05, seed: int = 1) -> Path:
+    """A copy of a model folder with Gaussian noise on every weight."""
+    model = load_model(str(src), device="cpu")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    model.save_pretrained(dst)
+    load_tokenizer(str(src)).save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def cf_setup(tiny_model, tmp_path_factory):
+    """(base spec, perturbed spec, sample folder of the base) on the byte-level tiny model."""
+    tmp = tmp_path_factory.mktemp("kl")
+    base = load_model(str(tiny_model), device="cpu")
+    tok = load_tokenizer(str(tiny_model))
+    prefix = [tok.bos_token_id]
+    records = ancestral(base, prefix, tok.eos_token_id, n=48, max_new=24, seed=0)
+    folder = write_sample_folder(tmp / "cfs", base, str(tiny_model), records, prefix, tok)
+    return str(tiny_model), str(perturb(tiny_model, tmp / "perturbed")), folder
+
+
+def test_kl_is_zero_for_base_and_positive_for_perturbed(cf_setup):
+    base, perturbed, folder = cf_setup
+    tok = load_tokenizer(base)
+    fp = fingerprint(base)
+    same = kl_to_base(load_model(base, device="cpu"), folder, base_fingerprint=fp, tokenizer=tok)
+    # the stored logp_base and the recomputation are the same fp32 computation up to batch shape:
+    # agreement to 1e-4 nats per sample (float rounding) stands for "exactly 0"
+    assert abs(same["value"]) < 1e-4 and same["stderr"] < 1e-4
+    assert same["n"] == 48 and same["n_tokens"] > 48
+    other = kl_to_base(load_model(perturbed, device="cpu"), folder, base_fingerprint=fp, tokenizer=tok)
+    assert other["value"] > 3 * other["stderr"] > 0
+    assert other["ci95"][0] < other["value"] < other["ci95"][1]
+    per_token = other["per_token"]
+    assert per_token["value"] == pytest.approx(other["value"] * other["n"] / other["n_tokens"])
+    assert per_token["n"] == other["n_tokens"] and per_token["stderr"] > 0
+
+
+def _tiny_vocab_model(seed: int):
+    """A 6-token Llama (ids 0-3 text, 4 EOS, 5 BOS) whose sequences can be enumerated."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                         tie_word_embeddings=False, bos_token_id=5, eos_token_id=4)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)
+        model.model.embed_tokens.weight.normal_(0, 1.0)
+    return model
+
+
+def test_kl_matches_exact_enumeration(tmp_path):
+    eos, prefix, max_new = 4, [5], 4
+    base = _tiny_vocab_model(0)
+    model = _tiny_vocab_model(0)
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight) * 0.5)
+    text_tokens = [0, 1, 2, 3, 5]
+    seqs = [list(s) + [eos] for k in range(max_new) for s in itertools.product(text_tokens, repeat=k)]
+    seqs += [list(s) for s in itertools.product(text_tokens, repeat=max_new)]  # cut at max_new
+    reqs = [(prefix, s) for s in seqs]
+    lp_base = [s.logprob for s in score_continuations(base, reqs, batch_size=256)]
+    lp_model = [s.logprob for s in score_continuations(model, reqs, batch_size=256)]
+    assert sum(math.exp(x) for x in lp_base) == pytest.approx(1.0, abs=1e-9)  # enumeration complete
+    exact = sum(math.exp(b) * (b - m) for b, m in zip(lp_base, lp_model))
+
+    records = ancestral(base, prefix, eos, n=3000, max_new=max_new, seed=0)
+    folder = write_sample_folder(tmp_path / "cfs", base, None, records, prefix)
+    est = kl_to_base(model, folder, batch_size=256)
+    assert est["stderr"] < exact / 5  # a meaningful test: the error bar is tight
+    assert abs(est["value"] - exact) < 3 * est["stderr"], (est, exact)
+
+
+@pytest.mark.parametrize("key,value", [("temperature", 0.7), ("top_p", 0.9), ("top_k", 50),
+                                       ("min_p", 0.05)])
+def test_kl_refuses_biased_sampling(cf_setup, tmp_path, key, value):
+    base, _, folder = cf_setup
+    biased = tmp_path / "biased"
+    shutil.copytree(folder, biased)
+    manifest = json.loads((biased / "manifest.json").read_text())
+    manifest["sampling"][key] = value
+    (biased / "manifest.json").write_text(json.dumps(manifest))
+    model = load_model(base, device="cpu")
+    with pytest.raises(CftuneError, match=rf"manifest.json: samples were drawn with {key}="):
+        kl_to_base(model, biased)
+    assert kl_to_base(model, biased, force=True)["forced"] is True
+
+
+def test_kl_refuses_filtered_samples(cf_setup, tmp_path):
+    base, _, folder = cf_setup
+    filtered = tmp_path / "filtered"
+    shutil.copytree(folder, filtered)
+    manifest = json.loads((filtered / "manifest.json").read_text())
+    manifest["counts"]["filtered_duplicates"] = 3
+    (filtered / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CftuneError, match="filtered_duplicates=3.*--no-dedup"):
+        kl_to_base(load_model(base, device="cpu"), filtered)
+
+
+def test_kl_refuses_samples_of_another_base_or_tokenizer(cf_setup, tiny_model_no_bos):
+    base, perturbed, folder = cf_setup
+    model = load_model(base, device="cpu")
+    with pytest.raises(CftuneError, match="not from the base given"):
+        kl_to_base(model, folder, base_fingerprint=fingerprint(perturbed))
+    with pytest.raises(CftuneError, match="not by the base's tokenizer"):
+        kl_to_base(model, folder, tokenizer=load_tokenizer(str(tiny_model_no_bos)))

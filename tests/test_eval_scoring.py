@@ -1,0 +1,155 @@
+"""Multiple-choice scoring against a by-hand log-likelihood, the shared-context scorer against
+plain per-pair scoring, LAMBADA and perplexity on the tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cftune.evaluate.benchmarks import Item
+from cftune.evaluate.multiple_choice import (
+    binomial_stderr,
+    encode_pair,
+    last_word_metrics,
+    mc_metrics,
+    score_items,
+    score_shared,
+)
+from cftune.evaluate.perplexity import perplexity
+from cftune.models import load_model, load_tokenizer
+from cftune.scoring import score_continuations
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return load_model(str(tiny_model), device="cpu"), load_tokenizer(str(tiny_model))
+
+
+@torch.no_grad()
+def by_hand(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context): one forward over the whole text, summed token log-probs."""
+    ctx = tokenizer(context).input_ids
+    cont = tokenizer(context + continuation).input_ids[len(ctx):]
+    logits = model(input_ids=torch.tensor([ctx + cont])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    return sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+
+
+def test_mc_scoring_equals_by_hand_loglikelihood(tiny):
+    model, tok = tiny
+    item = Item(["Question: What is two plus two?\nAnswer:"] * 3, [" 4", " four", " twenty-two"],
+                gold=1, choices=["4", "four", "twenty-two"])
+    scored = score_items(model, tok, [item], batch_size=2)[0]
+    lls = [by_hand(model, tok, item.contexts[0], c) for c in item.continuations]
+    assert [s.logprob for s in scored] == pytest.approx(lls, abs=1e-5)
+    metrics = mc_metrics([item], [scored])
+    assert metrics["acc"] == float(max(range(3), key=lls.__getitem__) == 1)
+    normed = [ll / len(c.encode()) for ll, c in zip(lls, item.choices)]
+    assert metrics["acc_norm"] == float(max(range(3), key=normed.__getitem__) == 1)
+
+
+def test_shared_context_scoring_equals_per_pair_scoring(tiny):
+    model, tok = tiny
+    texts = [("Question: a?\nAnswer:", " yes"), ("Question: a?\nAnswer:", " no, never"),
+             ("Question: a?\nAnswer:", " n"), ("Short", " continuation of some length"),
+             ("x" * 700, " beyond the 512-token limit"), ("x" * 700, " y"), ("Other\n", " z")]
+    requests = [encode_pair(tok, c, k) for c, k in texts]
+    shared = score_shared(model, requests, batch_size=3)
+    flat = score_continuations(model, requests, batch_size=3)
+    for a, b in zip(shared, flat):
+        assert a.token_logprobs.tolist() == pytest.approx(b.token_logprobs.tolist(), abs=1e-5)
+        assert a.is_greedy == b.is_greedy
+
+
+def test_encode_pair_moves_trailing_space_to_continuation(tiny):
+    _, tok = tiny
+    ctx, cont = encode_pair(tok, "Answer: ", "yes")
+    assert tok.decode(ctx).endswith("Answer:") and tok.decode(cont) == " yes"
+    assert ctx == tok("Answer:").input_ids  # the tokenizer's own special-token default, as lm-eval
+
+
+def test_binomial_stderr_matches_lm_eval():
+    outcomes = [1, 0, 1, 1, 0]
+    mean = sum(outcomes) / 5
+    sample_std = math.sqrt(sum((x - mean) ** 2 for x in outcomes) / 4)
+    assert binomial_stderr(mean, 5) == pytest.approx(sample_std / math.sqrt(5))
+
+
+def test_partial_scoring_has_no_acc_norm(tiny):
+    model, tok = tiny
+    item = Item(["The cup is on the table", "The cup is on the floor"], [" now."] * 2, 0,
+                ["table", "floor"])
+    scored = score_items(model, tok, [item, item])
+    out = mc_metrics([item, item], scored, partial=True)
+    assert "acc_norm" not in out and out["n"] == 2
+    lls = [by_hand(model, tok, c, " now.") for c in item.contexts]
+    assert [s.logprob for s in scored[0]] == pytest.approx(lls, abs=1e-5)
+
+
+def test_last_word_accuracy_is_greedy_match(tiny):
+    model, tok = tiny
+    ctx = tok("Hello").input_ids
+    with torch.no_grad():
+        greedy = int(model(input_ids=torch.tensor([ctx])).logits[0, -1].argmax())
+    word = tok.decode([greedy])
+    other = "q" if word != "q" else "r"
+    items = [Item(["Hello"], [word], 0, [word]), Item(["Hello"], [other], 0, [other])]
+    scored = score_items(model, tok, items)
+    out = last_word_metrics(scored)
+    assert out["acc"] == 0.5
+    mean_ll = (scored[0][0].logprob + scored[1][0].logprob) / 2
+    assert out["perplexity"] == pytest.approx(math.exp(-mean_ll))
+
+
+def test_perplexity_equals_by_hand(tiny, tmp_path):
+    model, tok = tiny
+    text = "The quick brown fox jumps over the lazy dog."
+    (tmp_path / "t.txt").write_text(text)
+    out = perplexity(model, tok, tmp_path / "t.txt", window=64)
+    assert perplexity(model, tok, tmp_path / "t.txt", window=16)["n_tokens"] == out["n_tokens"]
+    ids = [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    total = sum(float(logp[i, t]) for i, t in enumerate(ids[1:]))
+    assert out["n_tokens"] == len(ids) - 1
+    assert out["perplexity"] == pytest.approx(math.exp(-total / (len(ids) - 1)), rel=1e-5)
+    assert out["bits_per_byte"] == pytest.approx(-total / len(text.encode()) / math.log(2), rel=1e-5)
+
+
+@pytest.mark.integration
+def test_real_model_arc_easy(embedded_model, shared_data):
+    """The embedded model: shared-context scoring equals plain scoring on real prompts, and ARC-Easy
+    accuracy is well above chance (0.25) on the first 20 items."""
+    from cftune.evaluate.benchmarks import load
+
+    model, tok = load_model(embedded_model, device="cpu"), load_tokenizer(embedded_model)
+    loaded = load("arc_easy", limit=20, data_dir=shared_data)
+    scored = score_items(model, tok, loaded.items, batch_size=16)
+    requests = [encode_pair(tok, c, k) for it in loaded.items for c, k in zip(it.contexts, it.continuations)]
+    flat = score_continuations(model, requests, batch_size=16)
+    shared = [s for item in scored for s in item]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(shared, flat)) < 1e-3
+    assert mc_metrics(loaded.items, scored)["acc"] >= 0.5
+
+
+class _WithoutCache(torch.nn.Module):
+    """A model that returns no key/value cache (as recurrent models don't return a DynamicCache)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, cache=None, use_cache=None, **kw):
+        out = self.inner(**kw)
+        out.cache = None
+        return out
+
+
+def test_models_without_a_dynamic_cache_fall_back_to_per_pair_scoring(tiny):
+    model, tok = tiny
+    requests = [encode_pair(tok, "Question: a?\nAnswer:", k) for k in (" yes", " no, never", " n")]
+    shared = score_shared(_WithoutCache(model), requests, batch_size=3)
+    flat = score_continuations(model, requests, batch_size=3)
+    assert [s.logprob for s in shared] == pytest.approx([s.logprob for s in flat], abs=1e-5)

@@ -1,0 +1,142 @@
+"""Result tables and the trade-off plot: files written, table contents, deltas, missing metrics."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from cftune import report
+
+
+def metric(value, stderr=None, ci95=None, n=100):
+    return {"value": value, "stderr": stderr, "ci95": ci95, "n": n}
+
+
+def run(name, method, metrics, parent=None, alpha=None, steps=100):
+    return {"run": name, "method": method, "parent": parent, "alpha": alpha, "metrics": metrics,
+            "steps": steps, "tokens": 12800, "wall_time_s": 42.0}
+
+
+@pytest.fixture
+def rows():
+    """Runner order on purpose not base-first; one run lacks the benchmark average."""
+    return [
+        run("full", "full", {"task_acc": metric(0.62, 0.03, [0.56, 0.68]), "kl": metric(18.0, 1.5),
+                             "bench_avg": metric(0.39, 0.01)}),
+        run("base", "base", {"task_acc": metric(0.07, 0.02), "bench_avg": metric(0.45, 0.01)},
+            steps=None),
+        run("cfs-r1", "cfs", {"task_acc": metric(0.58, 0.03), "kl": metric(4.2, 0.4)}),
+        run("full-wise-0.5", "wise-ft", {"task_acc": metric(0.26), "kl": metric(4.5),
+                                         "bench_avg": metric(0.42)}, parent="full", alpha=0.5),
+        run("full-wise-0.25", "wise-ft", {"task_acc": metric(0.14), "kl": metric(1.1),
+                                          "bench_avg": metric(0.44)}, parent="full", alpha=0.25),
+    ]
+
+
+def markdown_cells(text):
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
+
+
+def test_write_report_files(rows, tmp_path):
+    from PIL import Image
+
+    paths = report.write_report(rows, tmp_path / "out")
+    assert {p.name for p in paths.values()} == {"results.csv", "results.md", "tradeoff.png"}
+    assert paths["png"].stat().st_size > 10_000
+    with Image.open(paths["png"]) as img:  # two panels: KL and benchmark average
+        assert img.size == (2 * round(report.FIGSIZE_PER_PANEL * report.DPI),
+                            round(report.FIG_HEIGHT * report.DPI))
+    assert report.to_markdown(rows) in paths["md"].read_text()
+
+
+def test_one_panel_without_benchmarks(rows, tmp_path):
+    from PIL import Image
+
+    for r in rows:
+        r["metrics"].pop("bench_avg", None)
+    path = report.plot_tradeoff(rows, tmp_path / "t.png")
+    with Image.open(path) as img:
+        assert img.size == (round(report.FIGSIZE_PER_PANEL * report.DPI),
+                            round(report.FIG_HEIGHT * report.DPI))
+
+
+def test_markdown_rows_columns_and_deltas(rows):
+    header, *body = markdown_cells(report.to_markdown(rows))
+    body = body[1:]  # the alignment line
+    assert header == ["run", "method", "task_acc", "Δ task_acc", "kl", "bench_avg", "Δ bench_avg",
+                      "steps", "tokens", "time (s)"]
+    assert [line[0] for line in body] == ["base", "full", "cfs-r1", "full-wise-0.5",
+                                          "full-wise-0.25"]
+    assert all(len(line) == len(header) for line in body)
+    by_run = {line[0]: dict(zip(header, line)) for line in body}
+    assert by_run["full"]["task_acc"] == "0.620 ± 0.030"
+    assert by_run["full"]["Δ task_acc"] == "+0.550"
+    assert by_run["full"]["Δ bench_avg"] == "-0.060"
+    assert by_run["full"]["kl"] == "18.0 ± 1.5"
+    assert by_run["full-wise-0.5"]["task_acc"] == "0.260"  # no stderr: the value alone
+    assert by_run["base"]["Δ task_acc"] == report.MISSING
+    assert by_run["base"]["steps"] == report.MISSING
+    assert by_run["full"]["tokens"] == "12,800"
+
+
+def test_missing_metrics_render_as_dash(rows, tmp_path):
+    rows.append(run("broken", "kd", {}))
+    rows.append(run("half", "lora", {"task_acc": {"value": None, "stderr": None, "ci95": None,
+                                                  "n": 0}}))
+    by_run = {line[0]: line for line in markdown_cells(report.to_markdown(rows))}
+    header = markdown_cells(report.to_markdown(rows))[0]
+    cfs = dict(zip(header, by_run["cfs-r1"]))
+    assert cfs["bench_avg"] == cfs["Δ bench_avg"] == report.MISSING
+    assert set(by_run["broken"][2:-3]) == {report.MISSING}
+    assert set(by_run["half"][2:-3]) == {report.MISSING}
+    report.write_report(rows, tmp_path)  # and the plot skips them without crashing
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
+def test_no_task_metric_anywhere_still_plots(tmp_path):
+    rows = [run("base", "base", {}), run("full", "full", {"kl": metric(3.0)})]
+    report.write_report(rows, tmp_path)
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
+def test_without_a_base_there_are_no_delta_columns(rows):
+    rows = [r for r in rows if r["method"] != "base"]
+    header = markdown_cells(report.to_markdown(rows))[0]
+    assert not any(h.startswith("Δ") for h in header)
+
+
+def test_csv_values_intervals_and_deltas(rows):
+    lines = list(csv.DictReader(io.StringIO(report.to_csv(rows))))
+    assert lines[0]["run"] == "base"
+    full = next(line for line in lines if line["run"] == "full")
+    assert float(full["task_acc"]) == 0.62
+    assert (float(full["task_acc_ci95_lo"]), float(full["task_acc_ci95_hi"])) == (0.56, 0.68)
+    assert float(full["task_acc_delta"]) == pytest.approx(0.55)
+    assert float(full["bench_avg_delta"]) == pytest.approx(-0.06)
+    cfs = next(line for line in lines if line["run"] == "cfs-r1")
+    assert cfs["bench_avg"] == cfs["bench_avg_delta"] == ""
+    wise = next(line for line in lines if line["run"] == "full-wise-0.5")
+    assert (wise["parent"], float(wise["alpha"])) == ("full", 0.5)
+
+
+def test_print_table(rows, capsys):
+    report.print_table(rows)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["run", "method", "task_acc"]
+    assert [line.split()[0] for line in out[2:]] == ["base", "full", "cfs-r1", "full-wise-0.5",
+                                                     "full-wise-0.25"]
+
+
+def test_wiseft_curve_runs_from_base_through_alphas_to_parent(rows):
+    curve = report._wiseft_curves(report.order_rows(rows))["full"]
+    assert [r["run"] for r in curve] == ["base", "full-wise-0.25", "full-wise-0.5", "full"]
+
+
+def test_error_bars_use_ci95_else_stderr(rows):
+    full = rows[0]
+    assert report._error(full, "task_acc") == pytest.approx((0.06, 0.06))
+    assert report._error(full, "kl") == pytest.approx((1.96 * 1.5, 1.96 * 1.5))
+    assert report._error(rows[3], "kl") == (0.0, 0.0)
