@@ -1,0 +1,132 @@
+"""Training throughput: cftune `full` against the plain transformers `Trainer` a user would write,
+and the step time of `kd` against `mix` (issue 3, "Speed"). Prints one JSON line of figures.
+
+Same model, examples (tokenised once by `cftune.data`), batch size, dtype and number of steps for
+both engines; the plain run uses `DataCollatorForSeq2Seq` (padding to the longest row of randomly
+drawn batches) and the model's own loss. Throughput is real (non-padding) tokens per second over
+the steps after the first (warm-up excluded). Targets: cftune/plain >= 1.3, kd/mix <= 1.1.
+
+    flock /tmp/cftune-cpu.lock .venv/bin/python benchmarks/train_throughput.py --only throughput
+    flock /tmp/cftune-cpu.lock .venv/bin/python benchmarks/train_throughput.py --only kd
+
+Task data: GSM8K's train split from ../shared/data when present (varied lengths, as real task
+data has), else the built-in arithmetic task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cftune import data
+from cftune.generate import GenerateConfig, generate
+from cftune.models import DEFAULT_MODEL, load_model, load_tokenizer
+from cftune.tasks import resolve_task, write_jsonl
+from cftune.train import TrainConfig, train
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+def task_file(folder: Path, rows: int) -> Path:
+    if GSM8K.is_file():
+        lines = GSM8K.read_text().splitlines()[:rows]
+        return write_jsonl([json.loads(x) for x in lines], folder / "task.jsonl")
+    return write_jsonl(resolve_task("builtin:arithmetic", "train", rows), folder / "task.jsonl")
+
+
+def plain_trainer(config: TrainConfig, examples: list[dict]) -> tuple[float, int]:
+    """The obvious setup: Trainer + DataCollatorForSeq2Seq + the model's loss. (tokens/s, pad %)"""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    tok = load_tokenizer(config.model)
+    model = load_model(config.model, device="cpu", dtype="fp32")
+    model.train()
+    rows = [{"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"]),
+             "labels": e["labels"]} for e in examples]
+    collate = DataCollatorForSeq2Seq(tok, padding="longest")
+    seen = {"tokens": [], "padded": []}
+
+    def counting(batch):
+        out = collate(batch)
+        seen["tokens"].append(int(out["attention_mask"].sum()))
+        seen["padded"].append(out["attention_mask"].numel())
+        return out
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            times.append(time.perf_counter())
+
+        def on_train_end(self, args, state, control, **kw):
+            times.append(time.perf_counter())
+
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
+        bf16=config.dtype != "fp32", use_cpu=True, report_to="none", save_strategy="no",
+        logging_steps=1000, disable_tqdm=True, seed=config.seed)
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=counting,
+            callbacks=[Clock()]).train()
+    tokens = sum(seen["tokens"][1:config.max_steps])
+    padding = 1 - sum(seen["tokens"]) / sum(seen["padded"])
+    return tokens / (times[-1] - times[1]), round(100 * padding, 1)
+
+
+def cftune_run(config: TrainConfig) -> tuple[float, float]:
+    """(tokens/s, mean step seconds) of a cftune run, first step excluded."""
+    log = [json.loads(x) for x in (train(config) / "training_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r][1:]
+    seconds = sum(r["seconds"] for r in steps)
+    tokens = sum(r["tokens_per_s"] * r["seconds"] for r in steps)
+    return tokens / seconds, statistics.mean(r["seconds"] for r in steps)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=384)
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--topk", type=int, default=20)
+    p.add_argument("--only", choices=("throughput", "kd"), help="run one of the two comparisons")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    root = Path(tempfile.mkdtemp(prefix="cftune-bench-"))
+    task = task_file(root, a.rows)
+    fields = {"prompt_field": "question", "response_field": "answer"}
+    common = dict(model=a.model, task=str(task), max_steps=a.steps, batch_size=a.batch_size,
+                  max_length=a.max_length, dtype=a.dtype, device="cpu", learning_rate=1e-5,
+                  save_steps=10_000, **fields)
+    full = TrainConfig(out=str(root / "full"), method="full", **common)
+    examples, _ = data.task_examples(task, load_tokenizer(a.model), full.task_format())
+    figures: dict[str, float | int | str] = {"task": "gsm8k" if GSM8K.is_file() else "arithmetic",
+                                             "steps": a.steps, "batch_size": a.batch_size,
+                                             "dtype": a.dtype}
+    if a.only != "kd":
+        figures["plain_tokens_per_s"], figures["plain_padding_pct"] = plain_trainer(full, examples)
+        figures["cftune_tokens_per_s"], _ = cftune_run(full)
+        figures["speedup"] = round(figures["cftune_tokens_per_s"] / figures["plain_tokens_per_s"], 3)
+        for k in ("plain_tokens_per_s", "cftune_tokens_per_s"):
+            figures[k] = round(figures[k], 1)
+    if a.only != "throughput":
+        cfs = generate(GenerateConfig(model=a.model, out=str(root / "cf"), device="cpu",
+                                      num_samples=a.steps * a.batch_size, max_new_tokens=128,
+                                      topk_logprobs=a.topk, dtype=a.dtype))
+        _, mix_s = cftune_run(TrainConfig(out=str(root / "mix"), method="cfs", cfs=str(cfs), **common))
+        _, kd_s = cftune_run(TrainConfig(out=str(root / "kd"), method="kd", cfs=str(cfs), **common))
+        figures.update(mix_step_s=round(mix_s, 3), kd_step_s=round(kd_s, 3),
+                       kd_over_mix=round(kd_s / mix_s, 3))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,496 @@
+"""Training data: task rows and CF samples turned into masked token examples, mixed and batched.
+
+An *example* is a dict `{"input_ids", "labels", "source", "weight"}` (plus `topk_ids` /
+`topk_logprobs` for the KD objective): `labels` is -100 wherever the model must not be trained to
+predict the token (prompts, CF prefixes), so "prompt tokens carry no loss and CF tokens all do" is a
+property of the example, not of the loss. `source` says which stream an example came from:
+
+- `TASK` (0): task data, loss on the response only, EOS appended (issue 3, "Data");
+- `CF` (1): context-free samples (or their contextual/replay stand-ins), loss on every sampled token,
+  the prefix (or the record's `prompt_ids`) as context only. `token_ids` already ends with EOS when
+  the sample finished, so EOS is a target exactly when it was sampled.
+
+Mixing is done by the batch sampler, not by copying rows: `MixedBatchSampler` gives every batch
+about `ratio` CF examples per task example and groups similar lengths inside a window of batches,
+so padding stays small without breaking the proportion.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cftune.errors import CftuneError
+from cftune.samples import iter_jsonl, iter_samples, read_manifest
+
+TASK, CF = 0, 1
+SOURCES = ("task", "cf")
+SHAPES = ("auto", "prompt-response", "messages", "text")
+PROMPT_FORMATS = ("auto", "chat", "plain")
+OVERLONG = ("truncate", "drop")
+CACHE_VERSION = 1  # bump when the tokenisation below changes, to invalidate cached examples
+
+
+# ---------------------------------------------------------------------------- reading task files
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL, CSV or Parquet file, or of a `datasets` folder (`save_to_disk`).
+
+    A folder holding a `DatasetDict` gives its `train` split (or its only split).
+    """
+    path = Path(path)
+    if path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise CftuneError(f"{path}: not a saved `datasets` folder ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            split = "train" if "train" in ds else (next(iter(ds)) if len(ds) == 1 else None)
+            if split is None:
+                raise CftuneError(f"{path}: no `train` split among {', '.join(ds)}")
+            ds = ds[split]
+        return ds.to_list()
+    if not path.is_file():
+        raise CftuneError(f"{path}: task file not found")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return list(iter_jsonl(path))
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise CftuneError(f"{path}: unknown file type '{suffix}'; use .jsonl, .csv, .parquet or a "
+                      f"`datasets` folder")
+
+
+# ------------------------------------------------------------------------ task rows -> examples
+@dataclass(frozen=True)
+class TaskFormat:
+    """How task rows become token ids (the data fields of `TrainConfig`, gathered)."""
+
+    shape: str = "auto"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    text_field: str = "text"
+    prompt_format: str = "auto"  # chat template, or plain `prompt_template`
+    prompt_template: str = "{prompt}\n"
+    max_length: int = 512
+    overlong: str = "truncate"
+
+
+def detect_shape(row: dict[str, Any], fmt: TaskFormat, where: str) -> str:
+    """The row shape: the configured one, or the first whose fields the row has."""
+    if fmt.shape != "auto":
+        return fmt.shape
+    if fmt.messages_field in row:
+        return "messages"
+    if fmt.prompt_field in row and fmt.response_field in row:
+        return "prompt-response"
+    if fmt.text_field in row:
+        return "text"
+    raise CftuneError(
+        f"{where}: row has fields {', '.join(sorted(row)) or '(none)'} but none of the expected "
+        f"shapes: `{fmt.prompt_field}`+`{fmt.response_field}` (set --prompt-field/--response-field, "
+        f"e.g. question/answer for GSM8K), `{fmt.messages_field}` or `{fmt.text_field}`"
+    )
+
+
+def uses_chat(tokenizer, fmt: TaskFormat) -> bool:
+    if fmt.prompt_format == "plain":
+        return False
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if fmt.prompt_format == "chat" and not has_template:
+        raise CftuneError("prompt_format 'chat' but the tokenizer has no chat template; "
+                          "use --prompt-format plain")
+    return has_template
+
+
+def format_prompt(tokenizer, prompt: str, fmt: TaskFormat) -> list[int]:
+    """Token ids of a task prompt, ready for the response to follow.
+
+    Chat models get their chat template with the assistant turn opened; others get
+    `prompt_template` after the start token (`start_ids`). The evaluation of task accuracy
+    should format prompts with this same function, so the model is tested as it was trained.
+    """
+    if uses_chat(tokenizer, fmt):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return start_ids(tokenizer) + tokenizer(fmt.prompt_template.format(prompt=prompt))["input_ids"]
+
+
+def start_ids(tokenizer) -> list[int]:
+    """The token a plain (non-chat) sequence starts from: BOS, or EOS for tokenizers without one
+    (GPT-2 style): the start token CF samples are drawn after, so the first real token is a
+    prediction target too. Empty when the tokenizer adds a special token of its own."""
+    own = tokenizer("a")["input_ids"]
+    if own and own != _text_ids(tokenizer, "a"):
+        return []
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [] if start is None else [start]
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _eos(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise CftuneError(f"tokenizer {tokenizer.name_or_path} has no EOS token to end responses with")
+    return tokenizer.eos_token_id
+
+
+def _messages_example(tokenizer, messages: list[dict[str, str]], where: str) -> tuple[list, list]:
+    """Render a chat with the model's template; only assistant turns are targets.
+
+    Each assistant turn's tokens are what the template adds between the conversation up to it
+    (with the assistant turn opened) and the conversation including it, end-of-turn included.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise CftuneError(f"{where}: `messages` rows need a tokenizer with a chat template")
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise CftuneError(f"{where}: message {i} needs `role` and `content`")
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (upto.startswith(before) and before.startswith(rendered)):
+            raise CftuneError(f"{where}: the chat template does not render turns as prefixes; "
+                              f"use prompt/response rows instead")
+        context = _text_ids(tokenizer, before[len(rendered):])
+        turn = _text_ids(tokenizer, upto[len(before):])
+        ids += context + turn
+        labels += [-100] * len(context) + turn
+        rendered = upto
+    return ids, labels
+
+
+def task_example(row: dict[str, Any], tokenizer, fmt: TaskFormat, where: str) -> tuple[list, list]:
+    """(input_ids, labels) of one task row; labels are -100 on the prompt."""
+    shape = detect_shape(row, fmt, where)
+    if shape == "messages":
+        return _messages_example(tokenizer, row[fmt.messages_field], where)
+    if shape == "prompt-response":
+        missing = [f for f in (fmt.prompt_field, fmt.response_field) if f not in row]
+        if missing:
+            raise CftuneError(f"{where}: no field `{missing[0]}` (fields: {', '.join(sorted(row))})")
+        prompt = format_prompt(tokenizer, str(row[fmt.prompt_field]), fmt)
+        response = _text_ids(tokenizer, str(row[fmt.response_field])) + [_eos(tokenizer)]
+        return prompt + response, [-100] * len(prompt) + response
+    if fmt.text_field not in row:
+        raise CftuneError(f"{where}: no field `{fmt.text_field}` (fields: {', '.join(sorted(row))})")
+    ids = start_ids(tokenizer) + tokenizer(str(row[fmt.text_field]))["input_ids"] + [_eos(tokenizer)]
+    return ids, [-100] + ids[1:]  # the first token has no context: never a target
+
+
+def fit_length(ids: list, labels: list, max_length: int, overlong: str) -> tuple[list, list] | None:
+    """Cut an example to `max_length` (keeping its start) or drop it (None).
+
+    An example left with no target after cutting is dropped either way: it would cost compute and
+    teach nothing.
+    """
+    if len(ids) > max_length:
+        if overlong == "drop":
+            return None
+        ids, labels = ids[:max_length], labels[:max_length]
+    if not any(t != -100 for t in labels[1:]):
+        return None
+    return ids, labels
+
+
+@dataclass
+class Counts:
+    """What happened to the rows of one source (reported in the log and the manifest)."""
+
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    target_tokens: int = 0
+
+
+def task_examples(path: str | Path, tokenizer, fmt: TaskFormat,
+                  rows: Sequence[dict] | None = None) -> tuple[list[dict], Counts]:
+    """Every usable row of a task file as an example, with the counts of cut and dropped rows."""
+    rows = read_rows(path) if rows is None else rows
+    if not rows:
+        raise CftuneError(f"{path}: no rows")
+    counts, out = Counts(rows=len(rows)), []
+    for i, row in enumerate(rows):
+        where = f"{path} row {i + 1}"
+        if not isinstance(row, dict):
+            raise CftuneError(f"{where}: expected an object with fields, got {type(row).__name__}")
+        ids, labels = task_example(row, tokenizer, fmt, where)
+        _keep(out, counts, ids, labels, fmt, TASK)
+    return out, counts
+
+
+def _keep(out: list, counts: Counts, ids: list, labels: list, fmt: TaskFormat, source: int,
+          extra: dict | None = None) -> None:
+    fitted = fit_length(ids, labels, fmt.max_length, fmt.overlong)
+    if fitted is None:
+        counts.dropped += 1
+        return
+    counts.truncated += len(fitted[0]) < len(ids)
+    counts.kept += 1
+    counts.target_tokens += sum(t != -100 for t in fitted[1][1:])
+    example = {"input_ids": fitted[0], "labels": fitted[1], "source": source, "weight": 1.0}
+    if extra:
+        n_targets = sum(t != -100 for t in fitted[1])
+        example.update({k: v[:n_targets] for k, v in extra.items()})
+    out.append(example)
+
+
+# ------------------------------------------------------------------------ CF samples -> examples
+def cf_examples(folder: str | Path, fmt: TaskFormat, kd: bool = False,
+                require_prompts: bool = False) -> tuple[list[dict], Counts]:
+    """CF sample records as examples: the context is masked, every sampled token is a target.
+
+    The context is the record's `prompt_ids` when present (contextual synthetic data from
+    `cftune generate --task-prompts`), else the manifest's `prefix_ids`. With `kd`, the records'
+    stored top-K base log-probs ride along, one list of K per target token.
+    """
+    manifest = read_manifest(folder)
+    prefix = list(manifest.get("prefix_ids") or [])
+    if kd and not manifest.get("topk_logprobs"):
+        raise CftuneError(f"{folder}: samples carry no top-K log-probs (manifest topk_logprobs = 0); "
+                          f"regenerate with `cftune generate --topk-logprobs 20` or use --method cfs")
+    out: list[dict] = []
+    counts = Counts()
+    for record in iter_samples(folder):
+        counts.rows += 1
+        if require_prompts and "prompt_ids" not in record:
+            raise CftuneError(f"{folder}: record {record.get('id')} has no `prompt_ids`; contextual "
+                              f"data comes from `cftune generate --task-prompts FILE`")
+        context = list(record.get("prompt_ids") or prefix)
+        tokens = list(record["token_ids"])
+        if not tokens:
+            counts.dropped += 1
+            continue
+        extra = {"topk_ids": record["topk_ids"], "topk_logprobs": record["topk_logprobs"]} if kd else None
+        _keep(out, counts, context + tokens, [-100] * len(context) + tokens, fmt, CF, extra)
+    if not out:
+        raise CftuneError(f"{folder}: no usable CF samples ({counts.rows} records, all dropped)")
+    return out, counts
+
+
+def text_examples(path: str | Path, tokenizer, fmt: TaskFormat) -> tuple[list[dict], Counts]:
+    """A generic text corpus (the `replay` baseline) as CF-stream examples: every token a target."""
+    text_fmt = TaskFormat(**{**asdict(fmt), "shape": "text"})
+    examples, counts = task_examples(path, tokenizer, text_fmt)
+    for e in examples:
+        e["source"] = CF
+    return examples, counts
+
+
+# ------------------------------------------------------------------------------------- caching
+def tokenizer_key(tokenizer) -> str:
+    """A content hash of a tokenizer (vocab, merges, specials, chat template)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
+    extra = json.dumps([getattr(tokenizer, "chat_template", None), tokenizer.bos_token_id,
+                        tokenizer.eos_token_id, getattr(tokenizer, "add_bos_token", None)])
+    return hashlib.sha256((body + extra).encode()).hexdigest()[:16]
+
+
+def file_key(path: str | Path) -> str:
+    """A content hash of a file, or of every file in a folder."""
+    from cftune.models import file_sha256
+
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+        h.update(file_sha256(p).encode())
+    return h.hexdigest()[:16]
+
+
+def cached(parts: dict[str, Any], build) -> tuple[list[dict], Counts]:
+    """`build()`'s examples, tokenised once and kept under the cftune cache, keyed by `parts`.
+
+    The key holds content hashes of the inputs and every setting that changes the tokens, so a
+    changed file or setting misses the cache rather than reusing stale examples. An entry is
+    written to a private folder and renamed into place, so processes filling the same entry at
+    once (DDP ranks) never see a half-written one.
+    """
+    import datasets
+
+    from cftune.models import cache_dir
+    from cftune.samples import atomic_write_json, read_json
+
+    blob = json.dumps({**parts, "v": CACHE_VERSION}, sort_keys=True).encode()
+    folder = cache_dir() / "tokenized" / hashlib.sha256(blob).hexdigest()[:20]
+    if (folder / "counts.json").is_file():
+        return datasets.load_from_disk(str(folder / "examples")).to_list(), Counts(
+            **read_json(folder / "counts.json"))
+    examples, counts = build()
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    except OSError:
+        return examples, counts  # a read-only cache only costs re-tokenising next time
+    try:
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        datasets.Dataset.from_list(examples).save_to_disk(str(tmp / "examples"))
+        if bars:
+            datasets.enable_progress_bars()
+        atomic_write_json(tmp / "counts.json", asdict(counts))
+        os.rename(tmp, folder)
+    except OSError:
+        pass  # another process filled this entry first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return examples, counts
+
+
+# ---------------------------------------------------------------------------------- batching
+class MixedBatchSampler:
+    """Batches of task and CF example indices in a fixed proportion, grouped by length.
+
+    Indices `[0, n_task)` are task examples and `[n_task, n_task + n_cf)` CF examples. Each epoch
+    shows every task example once (shuffled) and `round(ratio * n_task)` CF examples, taken in
+    order from a fixed shuffle of the CF pool and continuing across epochs, so no CF sample is
+    reused before the pool is exhausted. Slot `s` of an epoch's `S` slots is CF when
+    `floor((s+1)·n_cf_epoch/S)` steps up, so every batch carries the ratio to within one example.
+    Inside a window of `group` batches, task and CF examples are each sorted by length and handed
+    back in that order (each batch keeps its counts), then the window's batches are shuffled:
+    similar lengths pad little, and the proportion survives.
+    """
+
+    def __init__(self, lengths: Sequence[int], n_task: int, batch_size: int, ratio: float = 0.0,
+                 seed: int = 0, group: int = 16, shuffle: bool = True):
+        assert batch_size >= 1 and ratio >= 0 and 0 < n_task <= len(lengths)
+        self.lengths = list(lengths)
+        self.n_task, self.n_cf = n_task, len(lengths) - n_task
+        self.batch_size, self.seed, self.group, self.shuffle = batch_size, seed, group, shuffle
+        self.cf_per_epoch = round(ratio * n_task) if self.n_cf else 0
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil((self.n_task + self.cf_per_epoch) / self.batch_size)
+
+    def composition(self) -> list[int]:
+        """Number of CF examples in each batch of an epoch (the same every epoch)."""
+        total, n_cf = self.n_task + self.cf_per_epoch, self.cf_per_epoch
+        cf_upto = [(s * n_cf) // total for s in range(total + 1)]
+        return [cf_upto[min(total, (j + 1) * self.batch_size)] - cf_upto[j * self.batch_size]
+                for j in range(len(self))]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(f"{self.seed}:{self.epoch}")
+        task = list(range(self.n_task))
+        if self.shuffle:
+            rng.shuffle(task)
+        pool = list(range(self.n_task, self.n_task + self.n_cf))
+        random.Random(f"{self.seed}:cf").shuffle(pool)
+        start = self.epoch * self.cf_per_epoch
+        cf = [pool[(start + k) % self.n_cf] for k in range(self.cf_per_epoch)] if self.n_cf else []
+        plan = self.composition()
+        sizes = [min(self.batch_size, self.n_task + self.cf_per_epoch - j * self.batch_size)
+                 for j in range(len(plan))]
+        t_pos = c_pos = 0
+        for w in range(0, len(plan), self.group):
+            window = range(w, min(w + self.group, len(plan)))
+            n_c = sum(plan[j] for j in window)
+            n_t = sum(sizes[j] - plan[j] for j in window)
+            t_items = sorted(task[t_pos:t_pos + n_t], key=self.lengths.__getitem__)
+            c_items = sorted(cf[c_pos:c_pos + n_c], key=self.lengths.__getitem__)
+            t_pos, c_pos = t_pos + n_t, c_pos + n_c
+            batches, ti, ci = [], 0, 0
+            for j in window:
+                k_c, k_t = plan[j], sizes[j] - plan[j]
+                batches.append(t_items[ti:ti + k_t] + c_items[ci:ci + k_c])
+                ti, ci = ti + k_t, ci + k_c
+            if self.shuffle:
+                rng.shuffle(batches)
+            yield from batches
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """Task examples followed by CF examples, indexable as one list (what the sampler indexes)."""
+
+    def __init__(self, task: list[dict], cf: list[dict] | None = None):
+        self.examples = list(task) + list(cf or [])
+        self.n_task = len(task)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+    def lengths(self) -> list[int]:
+        return [len(e["input_ids"]) for e in self.examples]
+
+
+@dataclass
+class Collator:
+    """Pads a list of examples to the longest (right padding) into model-ready tensors.
+
+    Rows are put in source order (task first), so an objective can take the task rows as a view.
+    Output: `input_ids`, `attention_mask`, `labels` [B, T]; `source`, `weight` [B]; with KD,
+    `topk_ids` / `topk_logprobs` [B, T, K] aligned with `labels` (zero where there is no target).
+    """
+
+    pad_id: int
+    kd: bool = False
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        examples = sorted(examples, key=lambda e: e["source"])
+        width = max(len(e["input_ids"]) for e in examples)
+        batch_size = len(examples)
+        input_ids = torch.full((batch_size, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((batch_size, width), dtype=torch.long)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            input_ids[i, :n] = torch.tensor(e["input_ids"])
+            attention[i, :n] = 1
+            labels[i, :n] = torch.tensor(e["labels"])
+        batch = {
+            "input_ids": input_ids, "attention_mask": attention, "labels": labels,
+            "source": torch.tensor([e["source"] for e in examples]),
+            "weight": torch.tensor([float(e.get("weight", 1.0)) for e in examples]),
+        }
+        if self.kd:
+            batch.update(self._topk(examples, width))
+        return batch
+
+    @staticmethod
+    def _topk(examples: list[dict], width: int) -> dict[str, torch.Tensor]:
+        k = next((len(e["topk_ids"][0]) for e in examples if e.get("topk_ids")), 1)
+        ids = torch.zeros((len(examples), width, k), dtype=torch.long)
+        logps = torch.zeros((len(examples), width, k), dtype=torch.float32)
+        for i, e in enumerate(examples):
+            if not e.get("topk_ids"):
+                continue
+            n, end = len(e["topk_ids"]), len(e["input_ids"])
+            ids[i, end - n:end] = torch.tensor(e["topk_ids"])
+            logps[i, end - n:end] = torch.tensor(e["topk_logprobs"], dtype=torch.float32)
+        return {"topk_ids": ids, "topk_logprobs": logps}
