@@ -361,3 +361,18 @@ def test_cfs_forgets_less_than_full_fine_tuning_on_the_real_model(embedded_model
     # Measured: 13.8 vs 21.4 and 13.6 vs 19.0 nats per 48-token sample (two task generators).
     assert report["kl_diff"] > 2 * se
     assert report["kl_cfs"] < 0.8 * report["kl_full"]
+
+
+def test_reused_cf_samples_are_warned_about_loudly(capsys):
+    from cftune import data
+    from cftune.train import TrainConfig, warn_if_cf_repeats
+
+    config = TrainConfig(task="builtin:arithmetic", cfs="builtin:arithmetic", method="cfs",
+                         max_steps=10, batch_size=8, cfs_ratio=1.0)
+    counts = {"task": data.Counts(rows=80, kept=80), "cf": data.Counts(rows=16, kept=16)}
+    warn_if_cf_repeats(config, counts)
+    err = capsys.readouterr().err
+    assert "WARNING: training draws 40 CF examples" in err and "holds 16" in err
+    counts["cf"] = data.Counts(rows=40, kept=40)
+    warn_if_cf_repeats(config, counts)
+    assert capsys.readouterr().err == ""

@@ -18,9 +18,10 @@ import json
 import os
 import platform
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from tqdm.auto import tqdm
 

@@ -27,9 +27,10 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cftune.config import field, from_dict, load_yaml
 from cftune.errors import CftuneError
@@ -459,10 +460,14 @@ def _eta(remaining: list[Stage], spent: dict[str, list[float]]) -> str:
 
 
 def _training_facts(folder: Path) -> dict[str, Any]:
-    """Steps, tokens and wall time from a training run's manifest (absent keys stay None)."""
-    m = read_json(folder / "manifest.json") if (folder / "manifest.json").is_file() else {}
-    return {"steps": m.get("steps"), "tokens": m.get("tokens"),
-            "wall_time_s": m.get("wall_time_s")}
+    """Steps, tokens processed and training wall time of a finished run (from its log)."""
+    from cftune.samples import iter_jsonl
+
+    m = read_json(folder / "manifest.json")
+    log = folder / "training_log.jsonl"
+    lines = [r for r in iter_jsonl(log) if "tokens_per_s" in r] if log.is_file() else []
+    tokens = round(sum(r["tokens_per_s"] * r["seconds"] for r in lines)) if lines else None
+    return {"steps": m.get("steps"), "tokens": tokens, "wall_time_s": m.get("seconds")}
 
 
 def atomic_write_json_mkdir(path: Path, obj: Any) -> None:

@@ -21,8 +21,8 @@ uniform lands within ~1e-6 of a CDF boundary).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 import torch
 
