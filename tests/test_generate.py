@@ -133,9 +133,11 @@ def test_kill_9_then_rerun_equals_uninterrupted(tiny_model, tmp_path):
 
 
 def test_extend_num_samples_keeps_the_first_ones(tiny_model, tmp_path):
-    small = records(run(tiny_model, tmp_path / "s", num_samples=10))
+    small_bytes = (run(tiny_model, tmp_path / "s", num_samples=10) / "samples.jsonl").read_bytes()
     bigger = records(run(tiny_model, tmp_path / "s", num_samples=24))
-    assert bigger[:10] == small and len(bigger) == 24
+    fresh = records(run(tiny_model, tmp_path / "f", num_samples=24))
+    assert (tmp_path / "s" / "samples.jsonl").read_bytes().startswith(small_bytes)  # kept
+    assert len(bigger) == 24 and [r["token_ids"] for r in bigger] == [r["token_ids"] for r in fresh]
 
 
 def test_filters_count_and_keep_exactly_n(tiny_model, tmp_path):

@@ -234,6 +234,8 @@ class _Acceptor:
         self.progress_path = path.parent / PROGRESS
         progress = read_json(self.progress_path) if self.progress_path.is_file() else {}
         self.next_id = progress.get("next_id", 0)
+        # The end of the round in progress: a resumed run must cut the same blocks.
+        self.round_end = progress.get("round_end", 0)
         self.filtered = progress.get("filtered", {"min_tokens": 0, "duplicates": 0})
         _keep_records_before(path, self.next_id)
         self.seen: set[bytes] = set()
@@ -266,9 +268,17 @@ class _Acceptor:
                 self.out.write(record)
                 self._count(record)
         self.next_id = block_end
+        self._save_progress()
+
+    def start_round(self, end: int) -> None:
+        self.round_end = end
+        self._save_progress()
+
+    def _save_progress(self) -> None:
         progress = read_json(self.progress_path) if self.progress_path.is_file() else {}
-        atomic_write_json(self.progress_path,
-                          {**progress, "next_id": self.next_id, "filtered": self.filtered})
+        atomic_write_json(self.progress_path, {**progress, "next_id": self.next_id,
+                                               "filtered": self.filtered,
+                                               "round_end": self.round_end})
 
 
 def _key(token_ids: list[int]) -> bytes:
@@ -349,7 +359,12 @@ def generate(config: GenerateConfig) -> Path:
     if state.is_main_process:
         if (out / SAMPLES_PARQUET).is_file() and not (out / SAMPLES_JSONL).is_file():
             _parquet_to_jsonl(out)  # extending a parquet run: resume from its records
-        if (out / MANIFEST).is_file():
+        if manifest:  # extending a finished folder: continue after its last drawn id
+            c = manifest["counts"]
+            atomic_write_json(out / PROGRESS, {
+                "next_id": c["ids_drawn"],
+                "filtered": {"min_tokens": c["filtered_min_tokens"],
+                             "duplicates": c["filtered_duplicates"]}})
             (out / MANIFEST).unlink()  # the folder is unfinished again until we write it
         old = read_json(out / PROGRESS) if (out / PROGRESS).is_file() else {}
         atomic_write_json(out / PROGRESS, {**old, "settings": _settings(config)})
@@ -377,24 +392,31 @@ def generate(config: GenerateConfig) -> Path:
     bar = tqdm(total=config.num_samples, initial=done, desc="generate", unit="sample",
                disable=not state.is_main_process, mininterval=1.0)
     while done < config.num_samples:
-        # One round: whole blocks covering the samples still missing (filters may need more).
-        first = next_id // block
-        last = -(-(next_id + config.num_samples - done) // block)
+        # One round (filters may need more): the ids still missing, cut at block boundaries (the last block may be short).
+        if acceptor:
+            resumed_round = acceptor.round_end > next_id
+            acceptor.start_round(acceptor.round_end if resumed_round
+                                 else next_id + config.num_samples - done)
+        end = _shared_int(state, acceptor.round_end if acceptor else 0)
+        first, last = next_id // block, -(-end // block)
+
+        def block_ids(b: int, start: int = next_id, end: int = end) -> range:
+            return range(max(b * block, start), min((b + 1) * block, end))
+
         world, rank = state.num_processes, state.process_index
         for wave in range(first, last, world):  # each process draws one block per wave
             b = wave + rank
             drawn = []
             if b < last:
-                ids = range(max(b * block, next_id), (b + 1) * block)
-                drawn = sorted(sampler.run(jobs(ids)), key=lambda d: d.id)
+                drawn = sorted(sampler.run(jobs(block_ids(b))), key=lambda d: d.id)
             if world == 1:
-                acceptor.offer_block(drawn, (b + 1) * block)
+                acceptor.offer_block(drawn, block_ids(b).stop)
             else:
                 if b < last:
                     _write_shard(out, b, drawn)
                 state.wait_for_everyone()
                 for merged in range(wave, min(wave + world, last)) if acceptor else ():
-                    acceptor.offer_block(_read_shard(out, merged), (merged + 1) * block)
+                    acceptor.offer_block(_read_shard(out, merged), block_ids(merged).stop)
             if acceptor:
                 bar.update(acceptor.accepted - bar.n)
                 rate = sampler.tokens_sampled * world / (time.time() - started)
