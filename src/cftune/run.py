@@ -37,7 +37,7 @@ from cftune.errors import CftuneError
 from cftune.generate import GenerateConfig
 from cftune.models import DEFAULT_MODEL, fingerprint
 from cftune.samples import atomic_write_json, read_json
-from cftune.train import TrainConfig
+from cftune.train import TrainConfig, cf_draws
 
 WISE_FT = "wise-ft"
 CF_METHODS = ("cfs", "kd")  # methods that consume the CF training pool
@@ -238,14 +238,10 @@ class Experiment:
         return from_dict(TrainConfig, settings, f"{self.path}: run '{run['name']}'")
 
     def cf_consumed(self, run: dict[str, Any]) -> int:
-        """CF examples a run draws in training: steps × batch × accumulation × r/(1+r)."""
+        """CF examples a run draws in training (the trainer's own count, so the pool is drawn
+        exactly as large as training consumes)."""
         cfg = self.train_config(run)
-        if cfg.method not in STREAM_METHODS:
-            return 0
-        per_step = cfg.batch_size * cfg.grad_accum
-        if cfg.cfs_mode == "mix":
-            per_step = per_step * cfg.cfs_ratio / (1 + cfg.cfs_ratio)
-        return math.ceil(cfg.max_steps * per_step)
+        return cf_draws(cfg, self.task.train_rows) if cfg.method in STREAM_METHODS else 0
 
 
 class Runner:
