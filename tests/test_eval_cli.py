@@ -54,11 +54,13 @@ def test_eval_end_to_end_and_cache(setup, tmp_path, monkeypatch, capsys):
         acc["value"] - rows[(setup["base"], "bench/acc")]["value"])
     assert acc["compared_to"] == setup["base"] and len(acc["delta_ci95"]) == 2
     assert rows[(setup["base"], "task/acc")]["n"] == 3
+    nll = rows[(setup["perturbed"], "task/answer_nll")]
+    assert nll["n"] == 3 and nll["value"] > 0 and not nll["higher_is_better"]
     assert rows[(setup["base"], "text/perplexity")]["value"] > 1
 
     # a second run reuses every cached result: make one cached value recognisable
     cached = list((tmp_path / "cache" / "eval").glob("*.json"))
-    assert len(cached) == 8  # 2 models x (kl, bench, task, perplexity)
+    assert len(cached) == 10  # 2 models x (kl, bench, task accuracy, task NLL, perplexity)
     for path in cached:
         entry = json.loads(path.read_text())
         if entry["key"]["kind"] == "bench" and entry["model"].startswith("sha256"):

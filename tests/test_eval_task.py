@@ -10,6 +10,7 @@ import torch
 
 from cftune.errors import CftuneError
 from cftune.evaluate.task_accuracy import (
+    answer_nll,
     build_prompt,
     extract_answer,
     greedy_generate,
@@ -88,6 +89,30 @@ def test_task_accuracy_runs_and_counts(tiny, tmp_path):
     assert few["n"] == 1
     with pytest.raises(CftuneError, match="--num-fewshot needs --fewshot-file"):
         task_accuracy(model, tok, path, num_fewshot=2)
+
+
+def test_answer_nll_equals_one_forward_per_problem(tiny, tmp_path):
+    """Batched, padded scoring of the reference solutions equals scoring each prompt + solution +
+    EOS with its own forward pass."""
+    model, tok = tiny
+    rows = [{"question": f"What is {i} times {i + 3}?" + " Think." * i,
+             "answer": f"{i}*{i + 3}={i * (i + 3)}\n#### {i * (i + 3)}"} for i in range(5)]
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = answer_nll(model, tok, path, limit=4, prompt="qa", batch_size=3)
+    per_problem, total, tokens = [], 0.0, 0
+    for r in rows[:4]:
+        ctx = tok(build_prompt(tok, r["question"], [], "qa")).input_ids
+        cont = tok(r["answer"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ctx + cont])).logits[0].double()
+        logp = torch.log_softmax(logits[len(ctx) - 1:-1], -1).gather(-1, torch.tensor(cont)[:, None])
+        per_problem.append(-float(logp.mean()))
+        total, tokens = total - float(logp.sum()), tokens + len(cont)
+    assert out["n"] == 4 and out["tokens"] == tokens
+    assert out["value"] == pytest.approx(sum(per_problem) / 4, rel=1e-4)
+    assert out["token_weighted"] == pytest.approx(total / tokens, rel=1e-4)
+    assert out["stderr"] == pytest.approx(torch.tensor(per_problem).std().item() / 2, rel=1e-3)
 
 
 def test_bad_task_files(tmp_path):

@@ -63,6 +63,17 @@ def test_one_panel_without_benchmarks(rows, tmp_path):
                             round(report.FIG_HEIGHT * report.DPI))
 
 
+def test_plot_task_nll_axis(rows, tmp_path):
+    """The y axis can be the reference solutions' NLL (for tasks where accuracy stays near 0)."""
+    for r, nll in zip(rows, (0.8, 1.5, 0.9, 1.2, 1.4)):
+        r["metrics"]["task_nll"] = metric(nll, 0.02)
+    assert report._point(rows[0], report.KL, report.TASK_NLL) == (18.0, 0.8)
+    assert report._point(rows[1], report.KL, report.TASK_NLL) == (0.0, 1.5)  # the base at KL 0
+    assert report.plot_tradeoff(rows, tmp_path / "t.png", y_name="task_nll").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="y_name"):
+        report.plot_tradeoff(rows, tmp_path / "u.png", y_name="accuracy")
+
+
 def test_markdown_rows_columns_and_deltas(rows):
     header, *body = markdown_cells(report.to_markdown(rows))
     body = body[1:]  # the alignment line

@@ -51,7 +51,7 @@ def test_runner_writes_results_and_caches_every_stage(tiny_model, tmp_path, caps
     rows = json.loads((out / "results.json").read_text())
     assert [r["run"] for r in rows] == ["base", "full", "cfs", "wise-a0.5"]
     for r in rows:
-        assert {"task_acc", "kl"} <= set(r["metrics"])
+        assert {"task_acc", "task_nll", "kl"} <= set(r["metrics"])
     base = rows[0]["metrics"]["kl"]["value"]
     assert abs(base) < 1e-3  # the base's KL to itself
     assert rows[1]["metrics"]["kl"]["value"] > 0.01  # lr 1e-2 moves a tiny model
@@ -90,6 +90,7 @@ def test_sweep_expands_into_runs_and_dry_run_lists_stages(tiny_model, tmp_path, 
     ({"runs": [{"name": "a", "method": "cfs", "sweep": {"no_such_knob": [1, 2]}}]},
      "unknown setting(s) no_such_knob"),
     ({"eval": {"bench": ["no_such_benchmark"]}}, "no_such_benchmark"),
+    ({"eval": {"plot_y": "accuracy"}}, "eval.plot_y 'accuracy' is not one of task_acc, task_nll"),
     ({"task": {"train": "missing/train.jsonl", "test": "builtin:arithmetic"}},
      "missing/train.jsonl"),
     ({"runs": [{"name": "a", "method": "full", "learning_rate": -1}]}, "learning_rate"),

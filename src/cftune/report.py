@@ -2,7 +2,8 @@
 
 The point of cftune is a trade-off: task gain against forgetting. The table gives every metric
 per run with its difference to the base model; the plot puts task accuracy against forgetting
-(KL to the base, and the benchmark average when measured), like Figure 1 of arXiv 2505.13811.
+(KL to the base, and the benchmark average when measured), like Figure 1 of arXiv 2505.13811;
+the task axis is accuracy, or the reference solutions' NLL where accuracy is too coarse.
 
 Row schema (one dict per run, produced by the runner; `write_report` takes a list of them):
 
@@ -14,7 +15,8 @@ Row schema (one dict per run, produced by the runner; `write_report` takes a lis
                         "ci95": [lo, hi] | None, "n": int}},
      "steps": int | None, "tokens": int | None, "wall_time_s": float | None}
 
-Metric names: `task_acc` (fraction correct), `kl` (KL(base‖model), nats per sample),
+Metric names: `task_acc` (fraction correct), `task_nll` (reference solutions' NLL, nats per
+token), `kl` (KL(base‖model), nats per sample),
 `kl_per_token`, `bench_avg`, `bench/<name>` (e.g. `bench/arc_easy`); any other name is shown too.
 A row is drawn as part of a Wise-FT curve when it has both `parent` and `alpha`. A missing metric
 is shown as "–" and left out of the plot; the base's KL to itself is 0 by definition, so a base
@@ -34,14 +36,16 @@ from typing import Any, TextIO
 from cftune.samples import atomic_write_text
 
 BASE = "base"
-TASK, KL, BENCH = "task_acc", "kl", "bench_avg"
-METRIC_ORDER = (TASK, KL, "kl_per_token", BENCH)  # then bench/* and the rest, sorted
+TASK, TASK_NLL, KL, BENCH = "task_acc", "task_nll", "kl", "bench_avg"
+TASK_AXES = (TASK, TASK_NLL)  # what the plot's y axis may show
+METRIC_ORDER = (TASK, TASK_NLL, KL, "kl_per_token", BENCH)  # then bench/* and the rest, sorted
 # Already measured against the base (0 for the base itself): a Δ column would repeat them.
 VERSUS_BASE = (KL, "kl_per_token")
 RESULTS_CSV, RESULTS_MD, TRADEOFF_PNG = "results.csv", "results.md", "tradeoff.png"
 MISSING = "–"
 AXIS_LABELS = {
     TASK: "Task accuracy",
+    TASK_NLL: "Task: NLL of the reference solutions, nats per token",
     KL: "Forgetting: KL(base‖model), nats per sample",
     BENCH: "Benchmark average accuracy",
 }
@@ -186,9 +190,9 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 # ----------------------------------------------------------------------------- plot
 
-def _point(row: dict[str, Any], x_name: str) -> tuple[float, float] | None:
+def _point(row: dict[str, Any], x_name: str, y_name: str = TASK) -> tuple[float, float] | None:
     """(x, y) of a run in a panel, or None when it lacks a coordinate."""
-    x, y = value(row, x_name), value(row, TASK)
+    x, y = value(row, x_name), value(row, y_name)
     if x is None and x_name == KL and row.get("method") == BASE:
         x = 0.0
     return None if x is None or y is None else (x, y)
@@ -301,39 +305,43 @@ def _legend(ax: Any, rows: list[dict[str, Any]], colors: dict[str, Any]) -> Any:
     return ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.9)
 
 
-def _panel(ax: Any, rows: list[dict[str, Any]], x_name: str, colors: dict[str, Any],
-           legend: bool) -> None:
-    """One panel: task accuracy against `x_name`, a labelled point per run, Wise-FT curves."""
+def _panel(ax: Any, rows: list[dict[str, Any]], x_name: str, y_name: str,
+           colors: dict[str, Any], legend: bool) -> None:
+    """One panel: the task metric `y_name` against `x_name`, a labelled point per run, Wise-FT
+    curves."""
     from matplotlib.ticker import PercentFormatter
 
     for curve in _wiseft_curves(rows).values():
-        pts = [p for p in (_point(r, x_name) for r in curve) if p]
+        pts = [p for p in (_point(r, x_name, y_name) for r in curve) if p]
         if len(pts) > 1:
             ax.plot(*zip(*pts), "--", color=_color(curve[-1], rows, colors), lw=1.3, alpha=0.8,
                     zorder=1)
     labels, drawn = [], []
     for r in rows:
-        p = _point(r, x_name)
+        p = _point(r, x_name, y_name)
         if p is None:
             continue
-        xerr, yerr = _error(r, x_name), _error(r, TASK)
+        xerr, yerr = _error(r, x_name), _error(r, y_name)
         style = _style(r, rows, colors)
         ax.errorbar([p[0]], [p[1]], xerr=[[xerr[0]], [xerr[1]]], yerr=[[yerr[0]], [yerr[1]]],
                     ecolor=style["color"], elinewidth=1, capsize=2, alpha=0.9, ls="none", **style)
         labels.append((f"α={float(r['alpha']):g}" if _is_wiseft(r) else str(r["run"]), *p))
         drawn.append((p, xerr, yerr))
     ax.set_xlabel(AXIS_LABELS[x_name])
-    ax.set_ylabel(AXIS_LABELS[TASK])
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylabel(AXIS_LABELS[y_name])
     if x_name == BENCH:
         ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(True, alpha=0.3)
     ax.margins(0.18)
-    bottom, top = ax.get_ylim()  # accuracy lives in [0, 1]: don't waste room beyond it
-    ax.set_ylim(max(bottom, -0.04), min(top, 1.04))
-    # Less forgetting is lower KL (left) but higher benchmark accuracy (right).
+    if y_name == TASK:
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        bottom, top = ax.get_ylim()  # accuracy lives in [0, 1]: don't waste room beyond it
+        ax.set_ylim(max(bottom, -0.04), min(top, 1.04))
+    # Less forgetting is lower KL (left) but higher benchmark accuracy (right); a better task
+    # score is higher accuracy but lower NLL.
     x, ha, arrow = (0.02, "left", "←") if x_name == KL else (0.98, "right", "→")
-    hint = ax.text(x, 0.98, f"better: ↑ {arrow}", transform=ax.transAxes, ha=ha, va="top",
+    up = "↑" if y_name == TASK else "↓"
+    hint = ax.text(x, 0.98, f"better: {up} {arrow}", transform=ax.transAxes, ha=ha, va="top",
                    fontsize=8, color="0.45")
     extra = [_legend(ax, rows, colors)] if legend else []
     ax.figure.canvas.draw()  # fixes the limits, so data -> pixel transforms are final
@@ -343,8 +351,9 @@ def _panel(ax: Any, rows: list[dict[str, Any]], x_name: str, colors: dict[str, A
 
 
 def plot_tradeoff(rows: list[dict[str, Any]], path: str | os.PathLike,
-                  title: str = "Task gain vs forgetting") -> Path:
-    """Write the trade-off plot: a KL panel, plus a benchmark-average panel when measured.
+                  title: str = "Task gain vs forgetting", y_name: str = TASK) -> Path:
+    """Write the trade-off plot: a KL panel, plus a benchmark-average panel when measured; the
+    y axis is the task metric `y_name` (`task_acc` or `task_nll`).
 
     The size is fixed (6.5 x 5 inches per panel at 150 dpi) so reports line up across runs. We
     draw on an Agg canvas of our own rather than through pyplot, so a caller's backend (a
@@ -354,6 +363,8 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | os.PathLike,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    if y_name not in TASK_AXES:
+        raise ValueError(f"y_name must be one of {TASK_AXES} (got {y_name!r})")
     rows = order_rows(rows)
     panels = [KL] + ([BENCH] if any(value(r, BENCH) is not None for r in rows) else [])
     fig = Figure(figsize=(FIGSIZE_PER_PANEL * len(panels), FIG_HEIGHT), dpi=DPI,
@@ -365,9 +376,9 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | os.PathLike,
     palette = colormaps["tab10"].colors
     colors = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     for i, (ax, x_name) in enumerate(zip(axes[0], panels)):
-        _panel(ax, rows, x_name, colors, legend=i == 0)
-        if not any(_point(r, x_name) for r in rows):
-            ax.text(0.5, 0.5, f"no run has both {TASK} and {x_name}", transform=ax.transAxes,
+        _panel(ax, rows, x_name, y_name, colors, legend=i == 0)
+        if not any(_point(r, x_name, y_name) for r in rows):
+            ax.text(0.5, 0.5, f"no run has both {y_name} and {x_name}", transform=ax.transAxes,
                     ha="center", va="center", color="0.4")
     fig.suptitle(title, fontsize=13)
     path = Path(path)
@@ -379,7 +390,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | os.PathLike,
 # ----------------------------------------------------------------------------- files
 
 def write_report(rows: list[dict[str, Any]], folder: str | os.PathLike,
-                 title: str = "Task gain vs forgetting") -> dict[str, Path]:
+                 title: str = "Task gain vs forgetting", y_name: str = TASK) -> dict[str, Path]:
     """Write `results.csv`, `results.md` and `tradeoff.png` into `folder`; returns their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -387,6 +398,7 @@ def write_report(rows: list[dict[str, Any]], folder: str | os.PathLike,
     atomic_write_text(paths["csv"], to_csv(rows))
     atomic_write_text(paths["md"], f"# {title}\n\n" + to_markdown(rows) + (
         f"\nCells: value ± standard error; Δ = difference to the base model; {MISSING} = not "
-        "measured. `kl` is KL(base‖model) in nats per sample (lower = less forgetting).\n"))
-    plot_tradeoff(rows, paths["png"], title=title)
+        "measured. `kl` is KL(base‖model) in nats per sample (lower = less forgetting); `task_nll` "
+        "is the NLL of the reference solutions in nats per token (lower = better).\n"))
+    plot_tradeoff(rows, paths["png"], title=title, y_name=y_name)
     return paths

@@ -36,10 +36,12 @@ from cftune.config import field, from_dict, load_yaml
 from cftune.errors import CftuneError
 from cftune.generate import GenerateConfig
 from cftune.models import DEFAULT_MODEL, fingerprint
+from cftune.report import TASK_AXES
 from cftune.samples import atomic_write_json, read_json
 from cftune.train import TrainConfig, cf_draws
 
 WISE_FT = "wise-ft"
+EVAL_VERSION = 2  # part of every eval stage's key: bump when the metrics computed change
 CF_METHODS = ("cfs", "kd")  # methods that consume the CF training pool
 STREAM_METHODS = CF_METHODS + ("contextual", "replay")  # methods with a second data stream
 RUN_KEYS = ("name", "method", "of", "alphas", "sweep")
@@ -88,6 +90,12 @@ class EvalSpec:
     batch_size: int = field(16, "sequences per forward pass")
     dtype: str = field("fp32", "fp32 | bf16")
     data_dir: str | None = field(None, "folder holding benchmark files (default: auto)")
+    plot_y: str = field("task_acc", "task metric on the plot's y axis: task_acc | task_nll "
+                        "(the reference solutions' NLL, for tasks where accuracy stays near 0)")
+
+    def __post_init__(self) -> None:
+        if self.plot_y not in TASK_AXES:
+            raise CftuneError(f"eval.plot_y '{self.plot_y}' is not one of {', '.join(TASK_AXES)}")
 
 
 @dataclass
@@ -318,7 +326,8 @@ class Runner:
                 self._add(f"train {r['name']}", folder, self._train_work(settings, folder),
                           lambda f=folder: (f / "manifest.json").is_file())
             self.models[r["name"]] = folder
-        eval_key = _key(dataclasses.asdict(exp.eval), str(self.heldout), str(self.test_file))
+        measured = {k: v for k, v in dataclasses.asdict(exp.eval).items() if k != "plot_y"}
+        eval_key = _key(measured, str(self.heldout), str(self.test_file), EVAL_VERSION)
         for name, model in self.models.items():
             folder = self.out / "evals" / f"{name}-{_key(str(model), eval_key)}"
             self._add(f"eval {name}", folder, self._eval_work(name, model, folder),
@@ -474,7 +483,7 @@ def atomic_write_json_mkdir(path: Path, obj: Any) -> None:
 def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Path,
                  test_file: Path, base_fp: str) -> dict[str, Any]:
     """Every metric of one model, in the report's row-metric format."""
-    from cftune.evaluate import kl_to_base, run_benchmark, task_accuracy
+    from cftune.evaluate import answer_nll, kl_to_base, run_benchmark, task_accuracy
     from cftune.models import load_model, load_tokenizer
 
     e = exp.eval
@@ -485,6 +494,9 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, dtype=e.dtype,
                         prompt=exp.task.prompt)
     metrics["task_acc"] = _metric(acc, "acc")
+    metrics["task_nll"] = _metric(answer_nll(model, tokenizer, test_file, limit=e.task_limit,
+                                             prompt=exp.task.prompt, batch_size=e.batch_size,
+                                             dtype=e.dtype), "value")
     kl = kl_to_base(model, heldout, batch_size=e.batch_size, dtype=e.dtype,
                     base_fingerprint=base_fp, tokenizer=tokenizer)
     metrics["kl"] = _metric(kl, "value")
@@ -528,7 +540,7 @@ def run(config: RunConfig) -> Path | None:
     rows = runner.run(dry_run=config.dry_run)
     if rows is None:
         return None
-    write_report(rows, runner.out)
+    write_report(rows, runner.out, y_name=exp.eval.plot_y)
     atomic_write_json(runner.out / "results.json", rows)
     print_table(rows)
     print(f"wrote {runner.out}/results.csv, results.md, results.json, tradeoff.png")

@@ -6,6 +6,7 @@ The Python API the CLI and the experiment runner share:
 - `kl_to_base(model, samples_folder, batch_size, dtype, force) -> dict`;
 - `run_benchmark(model, tokenizer, name_or_path, limit, batch_size, dtype) -> dict`;
 - `task_accuracy(model, tokenizer, task_file, limit, ...) -> dict`;
+- `answer_nll(model, tokenizer, task_file, limit, ...) -> dict` (reference solutions' NLL);
 - `perplexity(model, tokenizer, text_file, ...) -> dict`.
 """
 
@@ -14,7 +15,7 @@ from cftune.evaluate.kl import kl_to_base
 from cftune.evaluate.multiple_choice import run_benchmark
 from cftune.evaluate.perplexity import perplexity
 from cftune.evaluate.stage import EvalConfig, evaluate
-from cftune.evaluate.task_accuracy import extract_answer, task_accuracy
+from cftune.evaluate.task_accuracy import answer_nll, extract_answer, task_accuracy
 
-__all__ = ["REGISTRY", "Benchmark", "EvalConfig", "evaluate", "extract_answer", "kl_to_base",
+__all__ = ["REGISTRY", "Benchmark", "EvalConfig", "answer_nll", "evaluate", "extract_answer", "kl_to_base",
            "perplexity", "run_benchmark", "task_accuracy"]

@@ -24,6 +24,8 @@ def rows_of(kind: str, name: str, result: dict) -> list[tuple[str, float, float 
                 ("kl_per_token", result["per_token"]["value"], result["per_token"]["stderr"], False)]
     if kind == "task":
         return [(f"{name}/acc", result["acc"], result["acc_stderr"], True)]
+    if kind == "task_nll":
+        return [(f"{name}/answer_nll", result["value"], result["stderr"], False)]
     if kind == "perplexity":
         return [(f"{name}/perplexity", result["perplexity"], None, False),
                 (f"{name}/bits_per_byte", result["bits_per_byte"], None, False)]

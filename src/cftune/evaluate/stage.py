@@ -22,7 +22,7 @@ from cftune.evaluate.kl import kl_to_base
 from cftune.evaluate.multiple_choice import run_benchmark
 from cftune.evaluate.perplexity import perplexity
 from cftune.evaluate.report import build_entries, write
-from cftune.evaluate.task_accuracy import PROMPTS, task_accuracy
+from cftune.evaluate.task_accuracy import PROMPTS, answer_nll, task_accuracy
 from cftune.models import DEFAULT_MODEL, DTYPES, cache_dir, fingerprint, load_model, load_tokenizer
 from cftune.samples import samples_file
 
@@ -126,6 +126,10 @@ def _evaluate_model(config: EvalConfig, spec: str, fp: str, tokenizer, base_fp: 
         out.append(("task", Path(config.task).stem, _cached(use, fp, key, lambda: task_accuracy(
             model, tokenizer, config.task, config.limit, config.max_new_tokens,
             config.num_fewshot, config.fewshot_file, config.task_prompt, bs, dt))))
+        key = {"kind": "task_nll", "data": file_hash(config.task), "limit": config.limit,
+               "prompt": config.task_prompt, **settings}
+        out.append(("task_nll", Path(config.task).stem, _cached(use, fp, key, lambda: answer_nll(
+            model, tokenizer, config.task, config.limit, config.task_prompt, bs, dt))))
     if config.perplexity:
         key = {"kind": "perplexity", "data": file_hash(config.perplexity), "limit": config.limit,
                **settings}
