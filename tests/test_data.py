@@ -235,3 +235,20 @@ def test_tokenised_examples_are_cached_by_content(tok, tmp_path, monkeypatch):
     write_jsonl(path, ROWS[:3])  # changed content: a new key, tokenised afresh
     data.cached({"file": data.file_key(path)}, build)
     assert calls["n"] == 2
+
+
+def test_builtin_task_examples_are_cached_by_the_rows_drawn(tok, tmp_path, monkeypatch):
+    """A built-in task is keyed by the rows its generator draws, not by its name: a changed
+    generator (a new cftune version) must not reuse examples tokenised from the old one."""
+    from cftune import tasks
+    from cftune.train import TrainConfig, examples
+
+    monkeypatch.setenv("CFTUNE_CACHE", str(tmp_path / "cache"))
+    config = TrainConfig(task="builtin:arithmetic", method="full", task_rows=4,
+                         prompt_field="question", response_field="answer",
+                         out=str(tmp_path / "run"))
+    before, _ = examples(config, tok, "task", config.task)
+    monkeypatch.setitem(tasks.TASKS, "arithmetic", lambda split, n, seed: ROWS[:n])
+    after, _ = examples(config, tok, "task", config.task)
+    assert before != after
+    assert after == data.task_examples(tmp_path, tok, config.task_format(), ROWS[:4])[0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import shutil
@@ -402,8 +403,9 @@ def examples(config: TrainConfig, tokenizer, kind: str, path: str,
     key: dict[str, Any] = {"tokenizer": data.tokenizer_key(tokenizer),
                            "format": dataclasses.asdict(fmt), "kind": kind}
     if kind == "task" and is_builtin(path):
-        key.update(builtin=path, split=split, n=config.task_rows, seed=config.seed)
+        # Keyed by the drawn rows themselves (cheap to draw): a changed generator must miss.
         rows = resolve_task(path, split, config.task_rows, config.seed)
+        key["rows"] = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
         return data.cached(key, lambda: data.task_examples(path, tokenizer, fmt, rows))
     key["file"] = data.file_key(path)
     if kind == "task":
