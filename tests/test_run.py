@@ -10,7 +10,7 @@ import yaml
 
 from cftune.cli import main as cli_main
 from cftune.errors import CftuneError
-from cftune.run import RunConfig, run
+from cftune.run import RunConfig, Stage, _eta, run
 
 
 def write_config(tmp_path: Path, model: Path, **changes) -> Path:
@@ -110,3 +110,15 @@ def test_only_runs_what_the_named_run_needs(tiny_model, tmp_path, capsys):
     assert "train full" in out and "merge wise-a0.5" in out and "train cfs" not in out
     with pytest.raises(CftuneError, match="unknown run"):
         run(RunConfig(experiment=str(path), out=str(tmp_path / "e"), only=["nope"]))
+
+
+def test_eta_scales_each_kind_by_its_cost():
+    """A train stage twice the size of a finished one takes twice as long; a kind not seen yet
+    takes the mean finished stage."""
+    def stage(name, cost):
+        return Stage(name, Path("."), lambda: None, lambda: False, cost)
+
+    spent = {"train": [(60.0, 100.0)], "generate": [(180.0, 5000.0)]}
+    assert _eta([stage("train big", 200.0), stage("eval base", 1.0)], spent) == " (~4 min left)"
+    assert _eta([stage("train small", 50.0)], spent) == " (~0 min left)"
+    assert _eta([stage("train x", 1.0)], {}) == ""

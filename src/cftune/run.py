@@ -112,12 +112,14 @@ class RunConfig:
 
 @dataclass
 class Stage:
-    """One unit of work: its name, output folder, and the function that fills the folder."""
+    """One unit of work: its name, output folder, and the function that fills the folder.
+    `cost` is its size in its kind's units (training examples, sampled tokens), for the ETA."""
 
     name: str
     folder: Path
     work: Callable[[], None]
     done: Callable[[], bool]
+    cost: float = 1.0
 
 
 def _key(*parts: Any) -> str:
@@ -323,8 +325,9 @@ class Runner:
                     r["method"], self.pool)
                 settings = exp.train_settings(r, self.train_file, stream)
                 folder = self.out / "runs" / f"{r['name']}-{_key(settings, self.base_fp)}"
+                examples = (settings.get("max_steps") or 1) * (settings.get("batch_size") or 1)
                 self._add(f"train {r['name']}", folder, self._train_work(settings, folder),
-                          lambda f=folder: (f / "manifest.json").is_file())
+                          lambda f=folder: (f / "manifest.json").is_file(), cost=examples)
             self.models[r["name"]] = folder
         measured = {k: v for k, v in dataclasses.asdict(exp.eval).items() if k != "plot_y"}
         eval_key = _key(measured, str(self.heldout), str(self.test_file), EVAL_VERSION)
@@ -334,8 +337,8 @@ class Runner:
                       lambda f=folder: (f / "result.json").is_file())
 
     def _add(self, name: str, folder: Path, work: Callable[[], None],
-             done: Callable[[], bool]) -> None:
-        self.stages.append(Stage(name, folder, work, done))
+             done: Callable[[], bool], cost: float = 1.0) -> None:
+        self.stages.append(Stage(name, folder, work, done, cost))
 
     def _generate_stage(self, name: str, settings: dict[str, Any], n: int, seed: int) -> Path:
         from cftune.generate import generate
@@ -351,7 +354,8 @@ class Runner:
             m = folder / "manifest.json"
             return m.is_file() and read_json(m)["counts"]["samples"] >= n
 
-        self._add(f"generate {name} ({n} samples)", folder, lambda: generate(config), done)
+        self._add(f"generate {name} ({n} samples)", folder, lambda: generate(config), done,
+                  cost=n * (settings.get("max_new_tokens") or 1))
         return folder
 
     # ------------------------------------------------------------------ stage work
@@ -420,13 +424,13 @@ class Runner:
                 print(f"[{i}/{len(self.stages)}] {s.name:32s} {state:7s} {s.folder}")
         if dry_run:
             return None
-        spent: dict[str, list[float]] = {}  # seconds per finished stage, by kind
+        spent: dict[str, list[tuple[float, float]]] = {}  # (seconds, cost) of finished stages
         for i, s in enumerate(todo, 1):
             print(f"== [{i}/{len(todo)}] {s.name} -> {s.folder}{_eta(todo[i - 1:], spent)}",
                   flush=True)
             t = time.time()
             s.work()
-            spent.setdefault(_kind(s), []).append(time.time() - t)
+            spent.setdefault(_kind(s), []).append((time.time() - t, s.cost))
         if not todo:
             print(f"{self.out}: every stage is cached; nothing to do")
         return self.results()
@@ -454,13 +458,17 @@ def _kind(stage: Stage) -> str:
     return stage.name.split()[0]  # generate / train / merge / eval / data / replay
 
 
-def _eta(remaining: list[Stage], spent: dict[str, list[float]]) -> str:
-    """A rough time left: each remaining stage costs what finished stages of its kind cost."""
+def _eta(remaining: list[Stage], spent: dict[str, list[tuple[float, float]]]) -> str:
+    """A rough time left: a remaining stage takes its cost times the seconds per unit of cost
+    that finished stages of its kind took; a kind not seen yet, the mean finished stage."""
     if not spent:
         return ""
-    every = [t for times in spent.values() for t in times]
-    guess = sum(sum(spent.get(_kind(s), every)) / len(spent.get(_kind(s), every))
-                for s in remaining)
+    every = [seconds for done in spent.values() for seconds, _ in done]
+    guess = 0.0
+    for s in remaining:
+        done = spent.get(_kind(s))
+        guess += (sum(t for t, _ in done) / sum(c for _, c in done) * s.cost if done
+                  else sum(every) / len(every))
     return f" (~{guess / 60:.0f} min left)"
 
 
