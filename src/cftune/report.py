@@ -302,7 +302,7 @@ def _legend(ax: Any, rows: list[dict[str, Any]], colors: dict[str, Any]) -> Any:
     handles += [Line2D([], [], ls="--", marker="o", ms=4, color=_color(curve[-1], rows, colors),
                        label=f"Wise-FT of {parent} (α: base→{parent})")
                 for parent, curve in _wiseft_curves(rows).items()]
-    return ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.9)
+    return ax.legend(handles=handles, loc="best", fontsize=8, framealpha=0.9)
 
 
 def _panel(ax: Any, rows: list[dict[str, Any]], x_name: str, y_name: str,
