@@ -12,7 +12,6 @@ model's `generation_config` (repetition penalties, sampling defaults) unless eve
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cftune.errors import CftuneError
+from cftune.evaluate.kl import mean_interval
 from cftune.evaluate.multiple_choice import binomial_stderr
 from cftune.models import autocast
 from cftune.samples import iter_jsonl
@@ -103,8 +103,7 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [tokenizer(p, add_special_tokens=prompt_needs_specials(tokenizer, p)).input_ids
-               for p in prompts]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     texts = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc or "generating", unit="item", disable=desc is None)
@@ -154,7 +153,15 @@ def prompt_needs_specials(tokenizer, prompt: str) -> bool:
     return not (bos and prompt.startswith(bos))
 
 
-def _rows(task_file: str | Path, limit: int | None) -> list[dict]:
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a rendered prompt: the same for generation and for scoring solutions."""
+    return tokenizer(prompt, add_special_tokens=prompt_needs_specials(tokenizer, prompt)).input_ids
+
+
+def _rows(task_file: str | Path, limit: int | None, prompt: str) -> list[dict]:
+    """The first `limit` rows of a task file, for prompt format `prompt` (checked)."""
+    if prompt not in PROMPTS:
+        raise CftuneError(f"task prompt '{prompt}' is not one of {', '.join(PROMPTS)}")
     rows = read_task(task_file)
     if limit is not None and limit > len(rows):
         print(f"cftune eval: task: --limit {limit} is more than the {len(rows)} rows of "
@@ -172,24 +179,17 @@ def answer_nll(model, tokenizer, task_file: str | Path, limit: int | None = None
     `value` averages each problem's mean token NLL, so `stderr` is over problems;
     `token_weighted` is the plain loss over all solution tokens.
     """
-    if prompt not in PROMPTS:
-        raise CftuneError(f"task prompt '{prompt}' is not one of {', '.join(PROMPTS)}")
-    rows = _rows(task_file, limit)
+    rows = _rows(task_file, limit, prompt)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     requests = []
     for r in rows:
-        text = build_prompt(tokenizer, r["question"], [], prompt)
-        ctx = tokenizer(text, add_special_tokens=prompt_needs_specials(tokenizer, text)).input_ids
+        ctx = encode_prompt(tokenizer, build_prompt(tokenizer, r["question"], [], prompt))
         requests.append((ctx, tokenizer(r["answer"], add_special_tokens=False).input_ids + eos))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scored = score_continuations(model, requests, batch_size, dtype, pad_id=pad,
                                  desc="task (answer NLL)")
-    per_problem = [-float(s.token_logprobs.mean()) for s in scored]
-    n = len(per_problem)
-    mean = sum(per_problem) / n
-    var = sum((x - mean) ** 2 for x in per_problem) / (n - 1) if n > 1 else float("nan")
     tokens = sum(len(s.token_logprobs) for s in scored)
-    return {"value": mean, "stderr": math.sqrt(var / n), "n": n,
+    return {**mean_interval([-float(s.token_logprobs.mean()) for s in scored]),
             "token_weighted": -sum(s.logprob for s in scored) / tokens, "tokens": tokens}
 
 
@@ -202,9 +202,7 @@ def task_accuracy(model, tokenizer, task_file: str | Path, limit: int | None = N
     Few-shot examples are a seeded draw of `num_fewshot` rows of `fewshot_file` (the same for
     every question, as in lm-eval). Returns acc, acc_stderr, n and the first few predictions.
     """
-    if prompt not in PROMPTS:
-        raise CftuneError(f"task prompt '{prompt}' is not one of {', '.join(PROMPTS)}")
-    rows = _rows(task_file, limit)
+    rows = _rows(task_file, limit, prompt)
     shots: list[dict] = []
     if num_fewshot:
         if fewshot_file is None:
