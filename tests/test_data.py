@@ -86,12 +86,36 @@ def test_prompt_tokens_carry_no_loss_and_response_plus_eos_all_do(tok, tmp_path)
 
 
 def test_plain_prompt_format_and_text_shape(tok):
+    """Plain prompts and generic documents start where pretraining documents start
+    (`<|endoftext|>`), never at the chat-turn marker every CF sample starts from (issue 9,
+    item 1: replay used to learn "prose follows <|im_start|>")."""
     fmt = data.TaskFormat(prompt_format="plain", prompt_template="Q: {prompt}\nA: ")
     ids, labels = data.task_example({"prompt": "2+2?", "response": "4"}, tok, fmt, "x")
-    assert tok.decode(ids) == "<|bos|>Q: 2+2?\nA: 4<|eos|>"
+    assert tok.decode(ids) == "<|endoftext|>Q: 2+2?\nA: 4<|eos|>"
     assert [t for t in labels if t != -100] == tok("4<|eos|>", add_special_tokens=False)["input_ids"]
     ids, labels = data.task_example({"text": "hello"}, tok, fmt, "x")
-    assert tok.decode(ids) == "<|bos|>hello<|eos|>" and labels == [-100] + ids[1:]
+    assert tok.decode(ids) == "<|endoftext|>hello<|eos|>" and labels == [-100] + ids[1:]
+    qa = data.TaskFormat(prompt_format="qa")
+    ids, labels = data.task_example({"prompt": "2+2?", "response": "4"}, tok, qa, "x")
+    assert tok.decode(ids) == "<|endoftext|>Question: 2+2?\nAnswer: 4<|eos|>"
+    assert tok.decode([t for t in labels if t != -100]) == " 4<|eos|>"
+
+
+def test_doc_start_rule_and_override(tok, tiny_model_no_bos):
+    from cftune.models import load_tokenizer
+    from cftune.prompts import doc_start_ids
+
+    endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert doc_start_ids(tok) == [endoftext] != [tok.bos_token_id]
+    assert doc_start_ids(tok, "<|bos|>") == [tok.bos_token_id]
+    assert doc_start_ids(tok, "7") == [7] and doc_start_ids(tok, "") == []
+    with pytest.raises(CftuneError, match="doc_start = 'nope' is not a token"):
+        doc_start_ids(tok, "nope")
+    gpt2_like = load_tokenizer(tiny_model_no_bos)  # no bos, no chat template
+    assert doc_start_ids(gpt2_like) == [gpt2_like.eos_token_id]
+    fmt = data.TaskFormat(prompt_format="plain", doc_start="")
+    ids, _ = data.task_example({"text": "hello"}, tok, fmt, "x")
+    assert tok.decode(ids) == "hello<|eos|>"
 
 
 def test_messages_shape_trains_assistant_turns_only(tok):
@@ -181,10 +205,14 @@ def test_mix_holds_its_ratio_in_every_batch_and_uses_fresh_cf_first(ratio):
         assert len(batches) == len(sampler)
         flat = [i for b in batches for i in b]
         assert sorted(i for i in flat if i < n_task) == list(range(n_task))  # each task ex. once
-        assert sum(len(b) != bs for b in batches) <= 1  # the epoch's remainder
-        for b in batches:
+        # every batch holds bs task examples (one holds the remainder), whatever the
+        # ratio: a second stream comes on top of the task examples (issue 9, item 4)
+        n_tasks = [sum(i < n_task for i in b) for b in batches]
+        assert sorted(n_tasks, reverse=True) == \
+            [bs] * (len(batches) - 1) + [n_task - bs * (len(batches) - 1)]
+        for b, k in zip(batches, n_tasks):
             n_c = sum(i >= n_task for i in b)
-            assert abs(n_c - len(b) * ratio / (1 + ratio)) <= 1
+            assert abs(n_c - k * ratio) <= 1
         seen_cf += [i for i in flat if i >= n_task]
         assert list(sampler) == batches  # deterministic for a seed and epoch
     assert len(seen_cf) == 2 * round(ratio * n_task)

@@ -90,12 +90,16 @@ def test_partial_scoring_has_no_acc_norm(tiny):
 
 def test_last_word_accuracy_is_greedy_match(tiny):
     model, tok = tiny
-    ctx = tok("Hello").input_ids
-    with torch.no_grad():
-        greedy = int(model(input_ids=torch.tensor([ctx])).logits[0, -1].argmax())
-    word = tok.decode([greedy])
+    for context in ("Hello", "Hi", "A", "The", "x", "Once", "We", "It", "1", "Go"):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tok(context).input_ids])).logits
+        word = tok.decode([int(logits[0, -1].argmax())])
+        if word.isascii() and word.isprintable() and word.strip():  # a whole byte, not a fragment
+            break
+    else:
+        pytest.fail("no context whose greedy next token is a printable character")
     other = "q" if word != "q" else "r"
-    items = [Item(["Hello"], [word], 0, [word]), Item(["Hello"], [other], 0, [other])]
+    items = [Item([context], [word], 0, [word]), Item([context], [other], 0, [other])]
     scored = score_items(model, tok, items)
     out = last_word_metrics(scored)
     assert out["acc"] == 0.5

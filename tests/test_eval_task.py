@@ -11,7 +11,7 @@ import torch
 from cftune.errors import CftuneError
 from cftune.evaluate.task_accuracy import (
     answer_nll,
-    build_prompt,
+    encode_prompt,
     extract_answer,
     greedy_generate,
     read_task,
@@ -48,8 +48,7 @@ def tiny(tiny_model):
 
 
 @torch.no_grad()
-def greedy_one(model, tokenizer, prompt: str, n: int) -> list[int]:
-    ids = tokenizer(prompt).input_ids
+def greedy_one(model, tokenizer, ids: list[int], n: int) -> list[int]:
     out = []
     for _ in range(n):
         nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
@@ -61,16 +60,20 @@ def greedy_one(model, tokenizer, prompt: str, n: int) -> list[int]:
 
 def test_batched_greedy_equals_one_at_a_time(tiny):
     model, tok = tiny
-    prompts = ["Question: 1+1?\nAnswer:", "Hi", "A much longer prompt than the others, padded left"]
+    prompts = [tok(p).input_ids for p in
+               ["Question: 1+1?\nAnswer:", "Hi", "A much longer prompt than the others, padded left"]]
     texts = greedy_generate(model, tok, prompts, max_new_tokens=12, batch_size=3, stop=())
     for prompt, text in zip(prompts, texts):
         assert text == tok.decode(greedy_one(model, tok, prompt, 12), skip_special_tokens=True)
 
 
-def test_few_shot_prompt():
+def test_few_shot_prompt(tiny):
+    """lm-eval's gsm8k few-shot layout, after the document start token (`<|endoftext|>` for a
+    tokenizer whose bos is a chat-turn marker)."""
+    _, tok = tiny
     shots = [{"question": "1+1?", "answer": "1+1=2\n#### 2"}]
-    assert build_prompt(None, "2+2?", shots, "qa") == (
-        "Question: 1+1?\nAnswer: 1+1=2\n#### 2\n\nQuestion: 2+2?\nAnswer:")
+    assert tok.decode(encode_prompt(tok, "2+2?", "qa", shots)) == (
+        "<|endoftext|>Question: 1+1?\nAnswer: 1+1=2\n#### 2\n\nQuestion: 2+2?\nAnswer:")
 
 
 def test_task_accuracy_runs_and_counts(tiny, tmp_path):
@@ -81,7 +84,9 @@ def test_task_accuracy_runs_and_counts(tiny, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = task_accuracy(model, tok, path, limit=3, max_new_tokens=8, batch_size=2)
     assert out["n"] == 3 and [e["gold"] for e in out["examples"]] == ["0", "2", "4"]
-    texts = [greedy_one(model, tok, build_prompt(tok, r["question"], [], "qa"), 8) for r in rows[:3]]
+    start = [tok.convert_tokens_to_ids("<|endoftext|>")]
+    texts = [greedy_one(model, tok, start + tok(f"Question: {r['question']}\nAnswer:").input_ids, 8)
+             for r in rows[:3]]
     preds = [extract_answer(tok.decode(t, skip_special_tokens=True)) for t in texts]
     assert [e["pred"] for e in out["examples"]] == preds
     assert out["acc"] == sum(p == g for p, g in zip(preds, ["0", "2", "4"])) / 3
@@ -102,8 +107,9 @@ def test_answer_nll_equals_one_forward_per_problem(tiny, tmp_path):
     out = answer_nll(model, tok, path, limit=4, prompt="qa", batch_size=3)
     per_problem, total, tokens = [], 0.0, 0
     for r in rows[:4]:
-        ctx = tok(build_prompt(tok, r["question"], [], "qa")).input_ids
-        cont = tok(r["answer"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ctx = [tok.convert_tokens_to_ids("<|endoftext|>")] + \
+            tok(f"Question: {r['question']}\nAnswer:").input_ids
+        cont = tok(" " + r["answer"], add_special_tokens=False).input_ids + [tok.eos_token_id]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ctx + cont])).logits[0].double()
         logp = torch.log_softmax(logits[len(ctx) - 1:-1], -1).gather(-1, torch.tensor(cont)[:, None])

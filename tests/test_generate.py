@@ -153,11 +153,19 @@ def test_filters_count_and_keep_exactly_n(tiny_model, tmp_path):
     assert [r["id"] for r in recs] == sorted(r["id"] for r in recs)
 
 
-def test_duplicates_are_dropped(tiny_model, tmp_path):
-    out = run(tiny_model, tmp_path / "s", max_new_tokens=1, num_samples=40)
+def test_duplicates_are_kept_unless_dedup_is_asked(tiny_model, tmp_path):
+    """Samples are draws from p_base: repeats stay by default (dropping them under-weights the
+    most probable sequences, issue 9 item 5); `dedup` is opt-in and recorded as a filter."""
+    plain = run(tiny_model, tmp_path / "p", max_new_tokens=1, num_samples=40)
+    assert len({tuple(r["token_ids"]) for r in records(plain)}) < 40  # 1-token samples repeat
+    m = read_manifest(plain)
+    assert m["counts"]["filtered_duplicates"] == 0 and m["filters"]["filtered"] is False
+    out = run(tiny_model, tmp_path / "s", max_new_tokens=1, num_samples=40, dedup=True)
     recs = records(out)
     assert len({tuple(r["token_ids"]) for r in recs}) == 40
-    assert read_manifest(out)["counts"]["filtered_duplicates"] > 0
+    m = read_manifest(out)
+    assert m["counts"]["filtered_duplicates"] > 0 and m["filters"] == {
+        "dedup": True, "min_tokens": 0, "filtered": True}
 
 
 def test_sampler_matches_the_model_distribution(tiny_model, tmp_path):
@@ -217,11 +225,14 @@ def test_chat_prefix_starts_an_assistant_turn(tiny_model, tmp_path):
 def test_task_prompts_give_contextual_samples(tiny_model, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in ["2+2?", "Name a cat."]))
-    out = run(tiny_model, tmp_path / "s", task_prompts=str(prompts), num_samples=4, dedup=False)
+    out = run(tiny_model, tmp_path / "s", task_prompts=str(prompts), num_samples=4,
+              prompt_format="qa")
     tok = load_tokenizer(tiny_model)
     recs = records(out)
-    assert tok.decode(recs[0]["prompt_ids"]) == "<|bos|>2+2?"
-    assert tok.decode(recs[1]["prompt_ids"]) == "<|bos|>Name a cat."
+    # posed as training poses them (issue 9, item 3: the bare question made continuations)
+    assert tok.decode(recs[0]["prompt_ids"]) == "<|endoftext|>Question: 2+2?\nAnswer:"
+    assert tok.decode(recs[1]["prompt_ids"]) == "<|endoftext|>Question: Name a cat.\nAnswer:"
+    assert read_manifest(out)["task_prompt_format"] == "qa"
     scored = score_continuations(load_model(tiny_model, "cpu"),
                                  [(r["prompt_ids"], r["token_ids"]) for r in recs])
     assert all(abs(r["logp_base"] - s.logprob) < 1e-3 for r, s in zip(recs, scored))
@@ -330,3 +341,20 @@ def test_python_api_returns_a_dataset(tiny_model, tmp_path):
     ds = generate_dataset(GenerateConfig(model=str(tiny_model), out=str(tmp_path / "s"),
                                          num_samples=5, max_new_tokens=6, device="cpu"))
     assert len(ds) == 5 and ds[0]["id"] == 0 and isinstance(ds[0]["logp_base"], float)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_model_tied"])
+def test_stored_logp_base_equals_a_plain_forward_pass(fixture, request, tmp_path):
+    """Each sample's stored logp_base (the sampler's incremental, KV-cached computation) equals
+    log p_base of its tokens from one plain transformers forward pass, to 1e-4 nats in fp32:
+    a check independent of cftune's scorer, which the KL estimate uses."""
+    folder = request.getfixturevalue(fixture)
+    out = run(folder, tmp_path / "s", num_samples=16, max_new_tokens=12)
+    prefix = read_manifest(out)["prefix_ids"]
+    model = load_model(folder, "cpu")
+    for r in records(out):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prefix + r["token_ids"]])).logits[0].double()
+        logp = torch.log_softmax(logits[len(prefix) - 1:-1], -1)
+        expected = float(logp.gather(-1, torch.tensor(r["token_ids"])[:, None]).sum())
+        assert abs(r["logp_base"] - expected) < 1e-4, (r["id"], r["logp_base"], expected)

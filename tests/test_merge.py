@@ -90,3 +90,36 @@ def test_cli_merge_of_a_trained_run_finds_its_base(pair, tmp_path):
                  "--out", str(tmp_path / "m")]) == 0
     got, want = _state(tmp_path / "m"), _state(base)
     assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_tied_embeddings_survive_training_merge_and_reload(tiny_model_tied, tmp_path):
+    """The embedded default ties its input embedding to the output layer: training, Wise-FT,
+    LoRA merge and save/load must keep them one tensor, moved once (not twice, not untied)."""
+    from test_train import ROWS
+
+    from cftune.train import TrainConfig, train
+
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:16]))
+    common = dict(model=str(tiny_model_tied), task=str(task), prompt_field="question",
+                  response_field="answer", max_steps=2, batch_size=4, learning_rate=1e-2,
+                  dtype="fp32", warmup=0.0, device="cpu")
+    full = train(TrainConfig(out=str(tmp_path / "full"), method="full", **common))
+    lora = train(TrainConfig(out=str(tmp_path / "lora"), method="lora", lora_rank=2,
+                             lora_merge=True, lora_targets=["q_proj", "v_proj"], **common))
+    for spec in (tiny_model_tied, full, lora, lora / "merged"):
+        m = load_model(spec, device="cpu")
+        assert m.config.tie_word_embeddings
+        assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr(), spec
+    base_w, ft_w = (load_model(s, device="cpu").lm_head.weight for s in (tiny_model_tied, full))
+    assert not torch.equal(base_w, ft_w)  # training moved the tied matrix
+    out = merge(MergeConfig(base=str(tiny_model_tied), finetuned=str(full), alpha=0.5,
+                            out=str(tmp_path / "wise")))
+    wise = load_model(out, device="cpu")
+    assert wise.lm_head.weight.data_ptr() == wise.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(wise.lm_head.weight, 0.5 * base_w + 0.5 * ft_w)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():  # the LoRA run's adapter and its merged copy are one model
+        torch.testing.assert_close(load_model(lora, device="cpu")(input_ids=ids).logits,
+                                   load_model(lora / "merged", device="cpu")(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cftune import data
 from cftune.cli import main as cli_main
 from cftune.errors import CftuneError
+from cftune.models import load_tokenizer
 from cftune.run import RunConfig, Stage, _eta, run
 
 
@@ -18,7 +20,7 @@ def write_config(tmp_path: Path, model: Path, **changes) -> Path:
         "model": str(model),
         "task": {"train": "builtin:arithmetic", "test": "builtin:arithmetic",
                  "train_rows": 16, "test_rows": 4},
-        "cf": {"max_new_tokens": 8, "heldout": 6, "batch_size": 4, "device": "cpu"},
+        "cf": {"max_new_tokens": 8, "heldout": 24, "batch_size": 8, "device": "cpu"},
         "train": {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-2, "dtype": "fp32",
                   "device": "cpu", "save_steps": 50},
         "eval": {"task_limit": 3, "max_new_tokens": 8, "batch_size": 4},
@@ -94,6 +96,8 @@ def test_sweep_expands_into_runs_and_dry_run_lists_stages(tiny_model, tmp_path, 
     ({"task": {"train": "missing/train.jsonl", "test": "builtin:arithmetic"}},
      "missing/train.jsonl"),
     ({"runs": [{"name": "a", "method": "full", "learning_rate": -1}]}, "learning_rate"),
+    ({"runs": [{"name": "a", "method": "full"}, {"name": "b", "method": "cfs", "batch_size": 4}]},
+     "runs see different task examples per step (batch_size x grad_accum: 2 for a; 4 for b)"),
 ])
 def test_bad_experiment_config_is_one_line_error(tiny_model, tmp_path, capsys, change, message):
     path = write_config(tmp_path, tiny_model, **change)
@@ -122,3 +126,89 @@ def test_eta_scales_each_kind_by_its_cost():
     assert _eta([stage("train big", 200.0), stage("eval base", 1.0)], spent) == " (~4 min left)"
     assert _eta([stage("train small", 50.0)], spent) == " (~0 min left)"
     assert _eta([stage("train x", 1.0)], {}) == ""
+
+
+def test_changed_heldout_count_rescores_every_model_on_one_set(tiny_model, tmp_path, capsys):
+    """The held-out folder is extended in place; a new count must re-evaluate every model on
+    the new set, and a table never mixes sets (issue 9, item 7)."""
+    runs = [{"name": "full", "method": "full"}]
+    out = tmp_path / "exp"
+    run(RunConfig(experiment=str(write_config(tmp_path, tiny_model, runs=runs)), out=str(out)))
+    capsys.readouterr()
+    cf = {"max_new_tokens": 8, "heldout": 30, "batch_size": 8, "device": "cpu"}
+    run(RunConfig(experiment=str(write_config(tmp_path, tiny_model, runs=runs, cf=cf)),
+                  out=str(out)))
+    stages = stages_run(capsys.readouterr().out)
+    assert stages == ["generate cf-heldout (30 samples)", "eval base", "eval full"]
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["metrics"]["kl"]["n"] for r in rows] == [30, 30]
+    assert len({r["metrics"]["kl"]["samples_digest"] for r in rows}) == 1
+
+
+def test_forced_bf16_scoring_rescores_the_base_and_reports_the_floor(tiny_model, tmp_path):
+    """One precision rule (issue 9, item 8): log-likelihoods in fp32 by default; when a user
+    forces bf16 scoring, the base is re-scored in bf16, so its own KL stays 0, and the gap of
+    the stored fp32 logp_base is reported beside it, not subtracted."""
+    runs = [{"name": "full", "method": "full"}]
+    fp32 = run(RunConfig(experiment=str(write_config(tmp_path, tiny_model, runs=runs)),
+                         out=str(tmp_path / "a")))
+    rows = json.loads((fp32 / "results.json").read_text())
+    assert abs(rows[0]["metrics"]["kl"]["value"]) < 1e-4
+    assert "kl_reference_residual" not in rows[0]["metrics"]
+    ev = {"task_limit": 3, "max_new_tokens": 8, "batch_size": 4, "score_dtype": "bf16",
+          "decode_dtype": "bf16"}
+    bf16 = run(RunConfig(experiment=str(write_config(tmp_path, tiny_model, runs=runs, eval=ev)),
+                         out=str(tmp_path / "a")))
+    rows16 = json.loads((bf16 / "results.json").read_text())
+    assert abs(rows16[0]["metrics"]["kl"]["value"]) < 1e-6
+    assert abs(rows16[0]["metrics"]["kl_reference_residual"]["value"]) > 1e-4
+    # full's KL in bf16 against the bf16 base stays close to the fp32 estimate
+    assert rows16[1]["metrics"]["kl"]["value"] == pytest.approx(
+        rows[1]["metrics"]["kl"]["value"], rel=0.1, abs=0.05)
+
+
+def test_cli_eval_and_runner_agree(tiny_model, tmp_path, capsys):
+    runs = [{"name": "full", "method": "full"}]
+    out = run(RunConfig(experiment=str(write_config(tmp_path, tiny_model, runs=runs)),
+                        out=str(tmp_path / "e")))
+    rows = json.loads((out / "results.json").read_text())
+    heldout = next((out / "cf").glob("cf-heldout-*"))
+    model = next((out / "runs").glob("full-*"))
+    test_file = next((out / "data").glob("*/test.jsonl"))
+    assert cli_main(["eval", "--base", str(tiny_model), "--model", str(model), "--kl-samples",
+                     str(heldout), "--task", str(test_file), "--limit", "3", "--task-prompt",
+                     "chat", "--max-new-tokens", "8", "--no-cache", "--out",
+                     str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    raw = ev["raw"][str(model)]
+    kl = next(r for r in raw if r["kind"] == "kl")
+    nll = next(r for r in raw if r["kind"] == "task_nll")
+    acc = next(r for r in raw if r["kind"] == "task")
+    assert kl["value"] == pytest.approx(rows[1]["metrics"]["kl"]["value"], abs=1e-6)
+    assert nll["value"] == pytest.approx(rows[1]["metrics"]["task_nll"]["value"], abs=1e-6)
+    assert acc["acc"] == rows[1]["metrics"]["task_acc"]["value"]
+
+
+def test_contextual_answers_are_posed_as_training_and_as_long_as_eval(tiny_model, tmp_path):
+    """The contextual baseline answers the training prompt as training poses it, up to the
+    evaluation's answer length by default (issue 9, item 3)."""
+    from cftune.run import Experiment, Runner
+    from cftune.samples import iter_samples, read_manifest
+
+    ev = {"task_limit": 3, "max_new_tokens": 11, "batch_size": 4}
+    path = write_config(tmp_path, tiny_model, eval=ev,
+                        runs=[{"name": "ctx", "method": "contextual"}])
+    runner = Runner(Experiment(path, tmp_path / "e"), [])
+    for stage in runner.stages:
+        if stage.name == "data" or stage.name.startswith("generate contextual"):
+            stage.work()
+    manifest = read_manifest(runner.contextual)
+    assert manifest["sampling"]["max_new_tokens"] == 11
+    assert manifest["task_prompt_format"] == "chat"
+    cfg = runner.exp.train_config(runner.runs[0])
+    tok = load_tokenizer(tiny_model)
+    row = json.loads(runner.train_file.read_text().splitlines()[0])
+    ids, labels = data.task_example(row, tok, cfg.task_format(), "row")
+    first = next(i for i, t in enumerate(labels) if t != -100)
+    record = next(r for r in iter_samples(runner.contextual) if r["id"] == 0)
+    assert record["prompt_ids"] == ids[:first]

@@ -12,10 +12,11 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from cftune import __version__
 from cftune.config import add_arguments, from_args
-from cftune.errors import CftuneError
+from cftune.errors import CftuneError, did_you_mean
 
 # name -> (module, config class, function taking the config, one-line summary)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -32,15 +33,28 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage mistakes are one line (no usage block), with a suggestion for a
+    mistyped flag."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            flags = [a for a in self._option_string_actions if a.startswith("--")]
+            message += did_you_mean(message.split(":", 1)[1].split()[0].split("=")[0], flags)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cftune",
         description="Fine-tune language models without forgetting, using context-free samples.",
     )
+    parser.commands = {}  # name -> its subparser (whose flags a "did you mean" picks from)
     parser.add_argument("--version", action="version", version=f"cftune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, cls_name, _, summary) in COMMANDS.items():
-        p = sub.add_parser(name, help=summary, description=summary)
+        p = sub.add_parser(name, help=summary, description=summary)  # a _Parser too
+        parser.commands[name] = p
         cls = getattr(importlib.import_module(module), cls_name)
         positional = getattr(cls, "POSITIONAL", None)  # e.g. `cftune run CONFIG`
         if positional:
@@ -53,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.commands.get(args.command, parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     if not args.command:
         parser.print_help()
         return 2
@@ -64,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(mod, fn_name)(config)
     except CftuneError as e:
         print(f"cftune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment, not a bug: a full disk, a read-only folder
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"cftune {args.command}: error: {where}{e.strerror or e} (errno {e.errno}); fix "
+              f"that (free space, permissions) and rerun the same command", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cftune {args.command}: interrupted (rerun the same command to resume)", file=sys.stderr)

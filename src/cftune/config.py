@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from cftune.errors import CftuneError
+from cftune.errors import CftuneError, did_you_mean
 
 T = TypeVar("T")
 
@@ -58,7 +59,10 @@ def _coerce(cls: type, name: str, tp: Any, value: Any, where: str) -> Any:
         if inner is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan/inf pass every `< 0` check below them
+                raise CftuneError(f"{where}: `{name}` = {value!r} is not a finite number")
+            return number
         if inner is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
@@ -85,10 +89,16 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     unknown = sorted(set(values) - known)
     if unknown:
         raise CftuneError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
+            f"{where}: unknown key(s) {', '.join(unknown)}{did_you_mean(unknown[0], known)} "
+            f"(allowed: {', '.join(sorted(known))})"
         )
     kwargs = {k: _coerce(cls, k, hints[k], v, where) for k, v in values.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except CftuneError as e:  # the settings' own checks: say which file they came from
+        if where in ("arguments", "config") or str(e).startswith(where):
+            raise
+        raise CftuneError(f"{where}: {e}") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -33,14 +34,15 @@ from typing import Any
 import torch
 
 from cftune.errors import CftuneError
-from cftune.samples import iter_jsonl, iter_samples, read_manifest
+from cftune.prompts import FORMATS, PromptSpec, document_ids, prompt_ids, response_ids
+from cftune.samples import BOM, iter_jsonl, iter_samples, note_bom, read_manifest
 
 TASK, CF = 0, 1
 SOURCES = ("task", "cf")
 SHAPES = ("auto", "prompt-response", "messages", "text")
-PROMPT_FORMATS = ("auto", "chat", "plain")
+PROMPT_FORMATS = FORMATS
 OVERLONG = ("truncate", "drop")
-CACHE_VERSION = 1  # bump when the tokenisation below changes, to invalidate cached examples
+CACHE_VERSION = 2  # bump when the tokenisation below changes, to invalidate cached examples
 
 
 # ---------------------------------------------------------------------------- reading task files
@@ -69,14 +71,37 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     if suffix in (".jsonl", ".json"):
         return list(iter_jsonl(path))
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return _read_csv(path)
     if suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise CftuneError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     raise CftuneError(f"{path}: unknown file type '{suffix}'; use .jsonl, .csv, .parquet or a "
                       f"`datasets` folder")
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV file with a header line; bad bytes and bad quoting name their line. A short
+    row's missing cells are None, which the row checks then refuse by field."""
+    raw = path.read_bytes()
+    if raw.startswith(BOM):
+        raw = raw[len(BOM):]
+        note_bom(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise CftuneError(f"{path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); save "
+                          f"the file as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    try:
+        return list(reader)
+    except csv.Error as e:
+        raise CftuneError(f"{path} line {reader.line_num}: not valid CSV ({e})") from None
 
 
 # ------------------------------------------------------------------------ task rows -> examples
@@ -89,8 +114,9 @@ class TaskFormat:
     response_field: str = "response"
     messages_field: str = "messages"
     text_field: str = "text"
-    prompt_format: str = "auto"  # chat template, or plain `prompt_template`
+    prompt_format: str = "auto"  # cftune.prompts.FORMATS
     prompt_template: str = "{prompt}\n"
+    doc_start: str | None = None  # cftune.prompts.doc_start_ids
     max_length: int = 512
     overlong: str = "truncate"
 
@@ -112,39 +138,14 @@ def detect_shape(row: dict[str, Any], fmt: TaskFormat, where: str) -> str:
     )
 
 
-def uses_chat(tokenizer, fmt: TaskFormat) -> bool:
-    if fmt.prompt_format == "plain":
-        return False
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if fmt.prompt_format == "chat" and not has_template:
-        raise CftuneError("prompt_format 'chat' but the tokenizer has no chat template; "
-                          "use --prompt-format plain")
-    return has_template
+def prompt_spec(fmt: TaskFormat) -> PromptSpec:
+    return PromptSpec(fmt.prompt_format, fmt.prompt_template, fmt.doc_start)
 
 
 def format_prompt(tokenizer, prompt: str, fmt: TaskFormat) -> list[int]:
-    """Token ids of a task prompt, ready for the response to follow.
-
-    Chat models get their chat template with the assistant turn opened; others get
-    `prompt_template` after the start token (`start_ids`). The evaluation of task accuracy
-    should format prompts with this same function, so the model is tested as it was trained.
-    """
-    if uses_chat(tokenizer, fmt):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return start_ids(tokenizer) + tokenizer(fmt.prompt_template.format(prompt=prompt))["input_ids"]
-
-
-def start_ids(tokenizer) -> list[int]:
-    """The token a plain (non-chat) sequence starts from: BOS, or EOS for tokenizers without one
-    (GPT-2 style): the start token CF samples are drawn after, so the first real token is a
-    prediction target too. Empty when the tokenizer adds a special token of its own."""
-    own = tokenizer("a")["input_ids"]
-    if own and own != _text_ids(tokenizer, "a"):
-        return []
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return [] if start is None else [start]
+    """Token ids of a task prompt, ready for the response to follow (`cftune.prompts`, the same
+    function the evaluation and the contextual baseline use)."""
+    return prompt_ids(tokenizer, prompt, prompt_spec(fmt))
 
 
 def _text_ids(tokenizer, text: str) -> list[int]:
@@ -157,12 +158,36 @@ def _eos(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
+def row_text(row: dict[str, Any], name: str, where: str, empty_ok: bool = False) -> str:
+    """The text of `row[name]`. A number, null, boolean, list or object there is an error naming
+    file, row and field, never a silent `str()` (issue 15: `1` would train as "1", null as
+    "None"); so is empty text, unless `empty_ok`."""
+    value = row.get(name)
+    if not isinstance(value, str):
+        kind = ("null" if value is None else "a boolean" if isinstance(value, bool) else
+                "a number" if isinstance(value, (int, float)) else
+                "a list" if isinstance(value, (list, tuple)) else
+                "an object" if isinstance(value, dict) else type(value).__name__)
+        shown = "" if value is None else f" ({json.dumps(value, default=str)[:40]})"
+        raise CftuneError(f"{where}: `{name}` is {kind}{shown}, not text; fix the row (quote "
+                          f"numbers) or point the field setting at a text field")
+    if not empty_ok and not value.strip():
+        raise CftuneError(f"{where}: `{name}` is empty; fill it in or remove the row")
+    return value
+
+
 def _messages_example(tokenizer, messages: list[dict[str, str]], where: str) -> tuple[list, list]:
     """Render a chat with the model's template; only assistant turns are targets.
 
     Each assistant turn's tokens are what the template adds between the conversation up to it
     (with the assistant turn opened) and the conversation including it, end-of-turn included.
     """
+    if not isinstance(messages, list) or not messages:
+        raise CftuneError(f"{where}: `messages` must be a non-empty list of {{role, content}} "
+                          f"turns, not {json.dumps(messages, default=str)[:40]}")
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        raise CftuneError(f"{where}: `messages` has no assistant turn to train on; add one or "
+                          f"remove the row")
     if not getattr(tokenizer, "chat_template", None):
         raise CftuneError(f"{where}: `messages` rows need a tokenizer with a chat template")
     ids: list[int] = []
@@ -171,6 +196,7 @@ def _messages_example(tokenizer, messages: list[dict[str, str]], where: str) -> 
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise CftuneError(f"{where}: message {i} needs `role` and `content`")
+        row_text(m, "content", f"{where}: message {i}", empty_ok=m["role"] != "assistant")
         if m["role"] != "assistant":
             continue
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
@@ -195,12 +221,17 @@ def task_example(row: dict[str, Any], tokenizer, fmt: TaskFormat, where: str) ->
         missing = [f for f in (fmt.prompt_field, fmt.response_field) if f not in row]
         if missing:
             raise CftuneError(f"{where}: no field `{missing[0]}` (fields: {', '.join(sorted(row))})")
-        prompt = format_prompt(tokenizer, str(row[fmt.prompt_field]), fmt)
-        response = _text_ids(tokenizer, str(row[fmt.response_field])) + [_eos(tokenizer)]
+        spec = prompt_spec(fmt)
+        prompt = prompt_ids(tokenizer, row_text(row, fmt.prompt_field, where), spec)
+        response = response_ids(tokenizer, row_text(row, fmt.response_field, where), spec) + [
+            _eos(tokenizer)]
         return prompt + response, [-100] * len(prompt) + response
     if fmt.text_field not in row:
         raise CftuneError(f"{where}: no field `{fmt.text_field}` (fields: {', '.join(sorted(row))})")
-    ids = start_ids(tokenizer) + tokenizer(str(row[fmt.text_field]))["input_ids"] + [_eos(tokenizer)]
+    # A generic document starts where the model's pretraining documents start (`doc_start_ids`),
+    # never at the CF start token: replay would otherwise teach "prose follows <|im_start|>".
+    ids = document_ids(tokenizer, row_text(row, fmt.text_field, where), fmt.doc_start) + [
+        _eos(tokenizer)]
     return ids, [-100] + ids[1:]  # the first token has no context: never a target
 
 
@@ -243,6 +274,10 @@ def task_examples(path: str | Path, tokenizer, fmt: TaskFormat,
             raise CftuneError(f"{where}: expected an object with fields, got {type(row).__name__}")
         ids, labels = task_example(row, tokenizer, fmt, where)
         _keep(out, counts, ids, labels, fmt, TASK)
+    if not out:
+        raise CftuneError(f"{path}: no usable rows ({counts.rows} rows, all dropped: too long for "
+                          f"--max-length {fmt.max_length} with --overlong {fmt.overlong}, or nothing "
+                          f"left to train on)")
     return out, counts
 
 
@@ -290,6 +325,10 @@ def cf_examples(folder: str | Path, fmt: TaskFormat, kd: bool = False,
             continue
         extra = {"topk_ids": record["topk_ids"], "topk_logprobs": record["topk_logprobs"]} if kd else None
         _keep(out, counts, context + tokens, [-100] * len(context) + tokens, fmt, CF, extra)
+    stated = (manifest.get("counts") or {}).get("samples")
+    if stated is not None and stated != counts.rows:
+        raise CftuneError(f"{folder}: its manifest says {stated} samples but the samples file holds "
+                          f"{counts.rows}: the folder was edited or damaged; regenerate it")
     if not out:
         raise CftuneError(f"{folder}: no usable CF samples ({counts.rows} records, all dropped)")
     return out, counts
@@ -370,11 +409,14 @@ def cached(parts: dict[str, Any], build) -> tuple[list[dict], Counts]:
 class MixedBatchSampler:
     """Batches of task and CF example indices in a fixed proportion, grouped by length.
 
-    Indices `[0, n_task)` are task examples and `[n_task, n_task + n_cf)` CF examples. Each epoch
-    shows every task example once (shuffled) and `round(ratio * n_task)` CF examples, taken in
-    order from a fixed shuffle of the CF pool and continuing across epochs, so no CF sample is
-    reused before the pool is exhausted. Slot `s` of an epoch's `S` slots is CF when
-    `floor((s+1)·n_cf_epoch/S)` steps up, so every batch carries the ratio to within one example.
+    Indices `[0, n_task)` are task examples and `[n_task, n_task + n_cf)` CF examples. Every batch
+    holds `batch_size` task examples (the last one of an epoch may hold fewer) plus about
+    `ratio × batch_size` CF examples, so runs with and without a second stream see the same task
+    examples per step (issue 9, item 4). Batch `j` carries the CF examples that bring the epoch's
+    running CF count to `floor(task examples so far × ratio)`, so a fractional ratio is met to
+    within one example per batch. Each epoch shows every task example once (shuffled) and
+    `round(ratio · n_task)` CF examples, taken in order from a fixed shuffle of the CF pool and
+    continuing across epochs, so no CF sample is reused before the pool is exhausted.
     Inside a window of `group` batches, task and CF examples are each sorted by length and handed
     back in that order (each batch keeps its counts), then the window's batches are shuffled:
     similar lengths pad little, and the proportion survives.
@@ -385,7 +427,9 @@ class MixedBatchSampler:
         assert batch_size >= 1 and ratio >= 0 and 0 < n_task <= len(lengths)
         self.lengths = list(lengths)
         self.n_task, self.n_cf = n_task, len(lengths) - n_task
-        self.batch_size, self.seed, self.group, self.shuffle = batch_size, seed, group, shuffle
+        # Not called `batch_size`: accelerate's BatchSamplerShard reads that attribute as the
+        # length of every full batch, which a task + CF batch is not (it would stall DDP ranks).
+        self.task_batch, self.seed, self.group, self.shuffle = batch_size, seed, group, shuffle
         self.cf_per_epoch = round(ratio * n_task) if self.n_cf else 0
         self.epoch = 0
 
@@ -393,13 +437,18 @@ class MixedBatchSampler:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil((self.n_task + self.cf_per_epoch) / self.batch_size)
+        return math.ceil(self.n_task / self.task_batch)
+
+    def task_sizes(self) -> list[int]:
+        """Task examples in each batch of an epoch."""
+        return [min(self.task_batch, self.n_task - j * self.task_batch) for j in range(len(self))]
 
     def composition(self) -> list[int]:
         """Number of CF examples in each batch of an epoch (the same every epoch)."""
-        total, n_cf = self.n_task + self.cf_per_epoch, self.cf_per_epoch
-        cf_upto = [(s * n_cf) // total for s in range(total + 1)]
-        return [cf_upto[min(total, (j + 1) * self.batch_size)] - cf_upto[j * self.batch_size]
+        def cf_upto(t: int) -> int:
+            return (t * self.cf_per_epoch) // self.n_task
+
+        return [cf_upto(min(self.n_task, (j + 1) * self.task_batch)) - cf_upto(j * self.task_batch)
                 for j in range(len(self))]
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -411,20 +460,18 @@ class MixedBatchSampler:
         random.Random(f"{self.seed}:cf").shuffle(pool)
         start = self.epoch * self.cf_per_epoch
         cf = [pool[(start + k) % self.n_cf] for k in range(self.cf_per_epoch)] if self.n_cf else []
-        plan = self.composition()
-        sizes = [min(self.batch_size, self.n_task + self.cf_per_epoch - j * self.batch_size)
-                 for j in range(len(plan))]
+        plan, sizes = self.composition(), self.task_sizes()
         t_pos = c_pos = 0
         for w in range(0, len(plan), self.group):
             window = range(w, min(w + self.group, len(plan)))
             n_c = sum(plan[j] for j in window)
-            n_t = sum(sizes[j] - plan[j] for j in window)
+            n_t = sum(sizes[j] for j in window)
             t_items = sorted(task[t_pos:t_pos + n_t], key=self.lengths.__getitem__)
             c_items = sorted(cf[c_pos:c_pos + n_c], key=self.lengths.__getitem__)
             t_pos, c_pos = t_pos + n_t, c_pos + n_c
             batches, ti, ci = [], 0, 0
             for j in window:
-                k_c, k_t = plan[j], sizes[j] - plan[j]
+                k_c, k_t = plan[j], sizes[j]
                 batches.append(t_items[ti:ti + k_t] + c_items[ci:ci + k_c])
                 ti, ci = ti + k_t, ci + k_c
             if self.shuffle:

@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from cftune import __version__
 from cftune.config import field
 from cftune.errors import CftuneError
+from cftune.locking import output_locked
 from cftune.models import DEFAULT_MODEL, DTYPES, fingerprint, load_model, load_tokenizer
+from cftune.prompts import PromptSpec, prompt_ids, resolve_format
 from cftune.sampler import ContinuousSampler, Drawn, Job, SamplingParams
 from cftune.samples import (
     EXPORTS,
@@ -73,9 +75,15 @@ class GenerateConfig:
     task_prompts: str | None = field(
         None, "JSONL file of task prompts: sample i answers prompt i mod n (contextual data)")
     prompt_field: str = field("question", "field of --task-prompts holding the prompt text")
+    prompt_format: str = field("auto", "how --task-prompts are posed, as in training: chat | qa "
+                               "('Question: …\\nAnswer:') | plain (prompt_template) | auto")
+    prompt_template: str = field("{prompt}\n", "plain prompt format, {prompt} is replaced")
+    doc_start: str | None = field(None, "token a qa/plain prompt starts with (default: "
+                                  "cftune.prompts.doc_start_ids)")
     topk_logprobs: int = field(0, "also store the base's top-K log-probs at every position")
     min_tokens: int = field(0, "drop samples with fewer tokens than this (EOS not counted)")
-    dedup: bool = field(True, "drop exact duplicate samples")
+    dedup: bool = field(False, "drop exact duplicate samples (biases the samples away from "
+                        "p_base: off for training pools and KL sets)")
     batch_size: int = field(32, "rows decoded together (continuous batching keeps them full)")
     dtype: str = field("fp32", "fp32 | bf16 | fp16; bf16 is ~1.7x faster on CPU, and logp_base "
                        "is then the bf16 model's")
@@ -117,6 +125,9 @@ class GenerateConfig:
                                  ("task_prompts", self.task_prompts)) if v]
         if len(starts) > 1:
             problems.append(f"give only one of {', '.join(starts)}")
+        if self.chat and self.task_prompts:
+            problems.append("--chat sets the context-free prefix; for --task-prompts in the chat "
+                            "template use --prompt-format chat")
         if problems:
             raise CftuneError("; ".join(problems))
 
@@ -177,24 +188,23 @@ def _chat_ids(tokenizer, user_text: str) -> list[int]:
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
+def prompt_spec(config: GenerateConfig) -> PromptSpec:
+    return PromptSpec(config.prompt_format, config.prompt_template, config.doc_start)
+
+
 def task_prompt_ids(tokenizer, config: GenerateConfig) -> list[list[int]]:
-    """Token ids of each task prompt (chat-templated with --chat), for contextual samples."""
+    """Token ids of each task prompt, posed exactly as training and evaluation pose it
+    (`cftune.prompts.prompt_ids`), for contextual samples: the base's own answers."""
     path = Path(config.task_prompts)
     if not path.is_file():
         raise CftuneError(f"--task-prompts {path}: file not found")
+    spec = prompt_spec(config)
     prompts = []
     for n, row in enumerate(iter_jsonl(path), 1):
         if config.prompt_field not in row:
             raise CftuneError(f"{path} line {n}: no field '{config.prompt_field}' "
                               "(set --prompt-field)")
-        text = str(row[config.prompt_field])
-        if config.chat:
-            prompts.append(_chat_ids(tokenizer, text))
-        else:
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-            if tokenizer.bos_token_id is not None:
-                ids = [tokenizer.bos_token_id] + ids
-            prompts.append(ids)
+        prompts.append(prompt_ids(tokenizer, str(row[config.prompt_field]), spec))
     if not prompts:
         raise CftuneError(f"--task-prompts {path}: no prompts")
     return prompts
@@ -338,6 +348,7 @@ def _check_folder(out: Path, config: GenerateConfig) -> dict[str, Any] | None:
     return read_json(out / MANIFEST) if (out / MANIFEST).is_file() else None
 
 
+@output_locked
 def generate(config: GenerateConfig) -> Path:
     """Draw `config.num_samples` context-free samples into `config.out`; return the folder.
 
@@ -356,6 +367,15 @@ def generate(config: GenerateConfig) -> Path:
                   "settings; nothing to do")
             _write_exports(out, config, manifest)
         return out
+    # Model and prompts before the folder is touched: a bad model or prompt file leaves no
+    # half-started run behind (issue 15).
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    prompts = task_prompt_ids(tokenizer, config) if config.task_prompts else None
+    prefix, prefix_source = (None, "task-prompts") if prompts else context_free_prefix(tokenizer, config)
+    model = load_model(config.model, config.device, config.dtype, config.trust_remote_code,
+                       inference=True)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise CftuneError(f"model '{config.model}' has fewer embeddings than its tokenizer has tokens")
     if state.is_main_process:
         if (out / SAMPLES_PARQUET).is_file() and not (out / SAMPLES_JSONL).is_file():
             _parquet_to_jsonl(out)  # extending a parquet run: resume from its records
@@ -369,13 +389,6 @@ def generate(config: GenerateConfig) -> Path:
         old = read_json(out / PROGRESS) if (out / PROGRESS).is_file() else {}
         atomic_write_json(out / PROGRESS, {**old, "settings": _settings(config)})
 
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    prompts = task_prompt_ids(tokenizer, config) if config.task_prompts else None
-    prefix, prefix_source = (None, "task-prompts") if prompts else context_free_prefix(tokenizer, config)
-    model = load_model(config.model, config.device, config.dtype, config.trust_remote_code,
-                       inference=True)
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        raise CftuneError(f"model '{config.model}' has fewer embeddings than its tokenizer has tokens")
     sampler = ContinuousSampler(model, config.sampling, stop_ids(tokenizer, model), config.seed,
                                 config.batch_size, config.dtype, config.topk_logprobs)
 
@@ -489,6 +502,12 @@ def _manifest(config, tokenizer, eos, prefix, prefix_source, acceptor, wall, tok
             "min_p": config.min_p, "max_new_tokens": config.max_new_tokens, "seed": config.seed,
         },
         "topk_logprobs": config.topk_logprobs,
+        # The CF term and the KL are expectations under p_base: any filter biases them.
+        "filters": {"dedup": config.dedup, "min_tokens": config.min_tokens,
+                    "filtered": bool(config.dedup or config.min_tokens)},
+        "logp_dtype": config.dtype,
+        "task_prompt_format": (resolve_format(tokenizer, prompt_spec(config))
+                               if config.task_prompts else None),
         "settings": _settings(config),
         "counts": {
             "samples": acceptor.accepted,

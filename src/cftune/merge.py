@@ -10,7 +10,9 @@ any training. A LoRA adapter folder as `finetuned` is merged into its base first
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import torch
 
 from cftune.config import field, to_dict
 from cftune.errors import CftuneError
-from cftune.models import load_model, load_tokenizer, local_path
+from cftune.locking import output_locked
+from cftune.models import load_model, load_tokenizer, local_path, resolve
 from cftune.samples import MANIFEST, atomic_write_json
 
 
@@ -78,23 +81,33 @@ def interpolate(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor
     return out
 
 
+@output_locked
 def merge(config: MergeConfig) -> Path:
     """Write the Wise-FT interpolation of `config.base` and `config.finetuned`; return `out`."""
     out = Path(config.out)
     base_spec = config.base or base_of(config.finetuned)
+    resolve(base_spec)  # a wrong base fails before any model is loaded
     finetuned = load_model(config.finetuned, device="cpu", dtype="fp32")  # adapters merged here
     base = load_model(base_spec, device="cpu", dtype="fp32")
     # `state_dict` keeps tied weights under both names, so each name is interpolated (equally).
     merged = interpolate(base.state_dict(), finetuned.state_dict(), config.alpha)
     finetuned.load_state_dict(merged)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    finetuned.save_pretrained(str(out))
     tok_source = config.finetuned if (Path(config.finetuned) / "tokenizer_config.json").is_file() \
         else local_path(base_spec)
-    load_tokenizer(tok_source).save_pretrained(str(out))
-    atomic_write_json(out / MANIFEST, {"stage": "merge", "setting": to_dict(config),
-                                       "base": str(base_spec)})
+    tokenizer = load_tokenizer(tok_source)
+    # Written beside OUT and renamed into place: OUT never holds half a model (issue 15).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
+        finetuned.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        atomic_write_json(tmp / MANIFEST, {"stage": "merge", "setting": to_dict(config),
+                                           "base": str(base_spec)})
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"cftune merge: wrote {out} (alpha {config.alpha})")
     return out

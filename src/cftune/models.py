@@ -26,6 +26,8 @@ from cftune.errors import CftuneError
 
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# Any one of these makes a folder's tokenizer loadable by transformers.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,11 @@ def load_tokenizer(spec: str | os.PathLike, trust_remote_code: bool = False):
     """The tokenizer of a model spec."""
     from transformers import AutoTokenizer
 
+    src = resolve(spec)
+    if src.folder is not None and src.gguf_file is None and not any(
+            (src.folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CftuneError(f"model folder {src.folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
+                          f"save the tokenizer with the model (`tokenizer.save_pretrained`)")
     try:
         return AutoTokenizer.from_pretrained(
             local_path(spec, trust_remote_code), trust_remote_code=trust_remote_code

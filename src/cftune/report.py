@@ -17,7 +17,9 @@ Row schema (one dict per run, produced by the runner; `write_report` takes a lis
 
 Metric names: `task_acc` (fraction correct), `task_nll` (reference solutions' NLL, nats per
 token), `kl` (KL(base‖model), nats per sample),
-`kl_per_token`, `bench_avg`, `bench/<name>` (e.g. `bench/arc_easy`); any other name is shown too.
+`kl_per_token`, `bench_avg` (mean of each benchmark's primary metric), `bench/<name>` (e.g.
+`bench/arc_easy`), `stream_capped` (fraction of a run's second-stream samples cut at the length
+cap); any other name is shown too.
 A row is drawn as part of a Wise-FT curve when it has both `parent` and `alpha`. A missing metric
 is shown as "–" and left out of the plot; the base's KL to itself is 0 by definition, so a base
 row without `kl` is drawn at 0.
@@ -40,7 +42,7 @@ TASK, TASK_NLL, KL, BENCH = "task_acc", "task_nll", "kl", "bench_avg"
 TASK_AXES = (TASK, TASK_NLL)  # what the plot's y axis may show
 METRIC_ORDER = (TASK, TASK_NLL, KL, "kl_per_token", BENCH)  # then bench/* and the rest, sorted
 # Already measured against the base (0 for the base itself): a Δ column would repeat them.
-VERSUS_BASE = (KL, "kl_per_token")
+VERSUS_BASE = (KL, "kl_per_token", "kl_reference_residual", "stream_capped")
 RESULTS_CSV, RESULTS_MD, TRADEOFF_PNG = "results.csv", "results.md", "tradeoff.png"
 MISSING = "–"
 AXIS_LABELS = {

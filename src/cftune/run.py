@@ -22,6 +22,7 @@ Config (YAML; unknown keys are errors):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,21 +34,21 @@ from pathlib import Path
 from typing import Any
 
 from cftune.config import field, from_dict, load_yaml
-from cftune.errors import CftuneError
+from cftune.errors import CftuneError, did_you_mean
 from cftune.generate import GenerateConfig
-from cftune.models import DEFAULT_MODEL, fingerprint
+from cftune.locking import output_lock
+from cftune.models import DEFAULT_MODEL, DTYPES, fingerprint
+from cftune.prompts import PromptSpec
 from cftune.report import TASK_AXES
 from cftune.samples import atomic_write_json, read_json
 from cftune.train import TrainConfig, cf_draws
 
 WISE_FT = "wise-ft"
-EVAL_VERSION = 2  # part of every eval stage's key: bump when the metrics computed change
+EVAL_VERSION = 3  # part of every eval stage's key: bump when the metrics computed change
 CF_METHODS = ("cfs", "kd")  # methods that consume the CF training pool
 STREAM_METHODS = CF_METHODS + ("contextual", "replay")  # methods with a second data stream
 RUN_KEYS = ("name", "method", "of", "alphas", "sweep")
-# Task prompt formats, as (train prompt_format, train prompt_template): the same text the
-# evaluation's `task_accuracy(prompt=...)` builds, so the model is tested in the format it learned.
-PROMPTS = {"chat": ("chat", "{prompt}\n"), "qa": ("plain", "Question: {prompt}\nAnswer:")}
+PROMPTS = ("chat", "qa")  # task prompt formats (cftune.prompts), the same in every stage
 
 
 @dataclass
@@ -61,12 +62,19 @@ class TaskSpec:
     seed: int = field(0, "seed of builtin task generation")
     prompt_field: str = field("question", "prompt field of the task rows")
     response_field: str = field("answer", "response field of the task rows")
-    prompt: str = field("chat", "prompt format for training and evaluation alike: chat (the "
-                        "model's chat template) | qa ('Question: …\\nAnswer:', for base models)")
+    prompt: str = field("chat", "prompt format for training, evaluation and contextual data "
+                        "alike: chat (the model's chat template) | qa ('Question: …\\nAnswer:', "
+                        "for base models)")
+    doc_start: str | None = field(None, "token a qa prompt or replay document starts with "
+                                  "(default: cftune.prompts.doc_start_ids)")
 
     def __post_init__(self) -> None:
         if self.prompt not in PROMPTS:
             raise CftuneError(f"task.prompt '{self.prompt}' is not one of {', '.join(PROMPTS)}")
+
+    @property
+    def prompt_spec(self) -> PromptSpec:
+        return PromptSpec(self.prompt, doc_start=self.doc_start)
 
 
 @dataclass
@@ -88,14 +96,29 @@ class EvalSpec:
     task_limit: int = field(100, "task test rows scored by greedy exact match")
     max_new_tokens: int = field(96, "generated tokens per task answer")
     batch_size: int = field(16, "sequences per forward pass")
-    dtype: str = field("fp32", "fp32 | bf16")
+    score_dtype: str = field("fp32", "precision of every log-likelihood metric (KL, benchmarks, "
+                             "answer NLL); not fp32: the base is re-scored in it for the KL")
+    decode_dtype: str = field("fp32", "precision of greedy task decoding (bf16: faster on CPUs "
+                              "with AVX512-BF16, flips near-ties)")
     data_dir: str | None = field(None, "folder holding benchmark files (default: auto)")
     plot_y: str = field("task_acc", "task metric on the plot's y axis: task_acc | task_nll "
                         "(the reference solutions' NLL, for tasks where accuracy stays near 0)")
 
     def __post_init__(self) -> None:
+        for key in ("score_dtype", "decode_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise CftuneError(f"eval.{key} '{getattr(self, key)}' is not one of "
+                                  f"{', '.join(DTYPES)}")
         if self.plot_y not in TASK_AXES:
             raise CftuneError(f"eval.plot_y '{self.plot_y}' is not one of {', '.join(TASK_AXES)}")
+
+
+@dataclass
+class ContextualSpec:
+    """The contextual baseline's data: the base's own answers to the training prompts."""
+
+    max_new_tokens: int | None = field(None, "longest answer (default: eval.max_new_tokens, so "
+                                       "answers are as long as the evaluation lets the model be)")
 
 
 @dataclass
@@ -131,11 +154,13 @@ class Experiment:
 
     def __init__(self, path: Path, out: Path | None = None):
         raw = load_yaml(path)
-        allowed = {"name", "model", "task", "cf", "train", "eval", "runs", "seed", "replay"}
+        allowed = {"name", "model", "task", "cf", "train", "eval", "runs", "seed", "replay",
+                   "contextual"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
-            raise CftuneError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: "
-                              f"{', '.join(sorted(allowed))}")
+            raise CftuneError(f"{path}: unknown key(s) {', '.join(unknown)}"
+                              f"{did_you_mean(unknown[0], allowed)} (allowed: "
+                              f"{', '.join(sorted(allowed))})")
         self.path = path
         self.name = str(raw.get("name", path.stem))
         self.out = out or Path("experiments") / self.name
@@ -148,6 +173,8 @@ class Experiment:
                 raise CftuneError(f"{path}: task.{split}: file {spec} not found")
         self.eval = from_dict(EvalSpec, raw.get("eval") or {}, f"{path}: eval")
         self.replay = from_dict(ReplaySpec, raw.get("replay") or {}, f"{path}: replay")
+        self.contextual = from_dict(ContextualSpec, raw.get("contextual") or {},
+                                    f"{path}: contextual")
         if self.replay.file and not Path(self.replay.file).is_file():
             raise CftuneError(f"{path}: replay.file {self.replay.file} not found")
         cf = dict(raw.get("cf") or {})
@@ -159,6 +186,7 @@ class Experiment:
         self.train_defaults = dict(raw.get("train") or {})
         self._check_train_keys(self.train_defaults, f"{path}: train")
         self.runs = self._expand_runs(raw.get("runs") or [])
+        self._check_equal_task_batches()
         self._check_benchmarks()
 
     # ------------------------------------------------------------------ validation
@@ -167,7 +195,8 @@ class Experiment:
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise CftuneError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+            raise CftuneError(f"{where}: unknown setting(s) {', '.join(unknown)}"
+                              f"{did_you_mean(unknown[0], known)}")
         for runner_set in ("model", "task", "out", "cfs"):
             if runner_set in values:
                 raise CftuneError(f"{where}: `{runner_set}` is set by the runner; remove it")
@@ -216,6 +245,21 @@ class Experiment:
                 self.train_config(r)
         return out
 
+    def _check_equal_task_batches(self) -> None:
+        """Every training run must see the same task examples per optimizer step (issue 9, item
+        4): a second stream adds examples on top, it never takes task examples' place."""
+        per_step: dict[int, list[str]] = {}
+        for r in self.runs:
+            if r["method"] != WISE_FT:
+                cfg = self.train_config(r)
+                per_step.setdefault(cfg.batch_size * cfg.grad_accum, []).append(r["name"])
+        if len(per_step) > 1:
+            groups = "; ".join(f"{n} for {', '.join(names)}" for n, names in sorted(per_step.items()))
+            raise CftuneError(f"{self.path}: runs see different task examples per step "
+                              f"(batch_size x grad_accum: {groups}); give every run the same "
+                              f"batch_size (task examples; a second stream adds cfs_ratio x "
+                              f"batch_size on top)")
+
     def _check_benchmarks(self) -> None:
         from cftune.evaluate import benchmarks
 
@@ -231,8 +275,7 @@ class Experiment:
         settings = {"model": self.model, "task": str(task_file), "out": "unused",
                     "prompt_field": self.task.prompt_field,
                     "response_field": self.task.response_field, "seed": self.seed,
-                    "prompt_format": PROMPTS[self.task.prompt][0],
-                    "prompt_template": PROMPTS[self.task.prompt][1],
+                    "prompt_format": self.task.prompt, "doc_start": self.task.doc_start,
                     "method": run["method"], **run["settings"]}
         if settings["method"] == "replay":
             settings["replay"] = str(stream)
@@ -293,11 +336,13 @@ class Runner:
         contextual = max([exp.cf_consumed(r) for r in trained if r["method"] == "contextual"]
                          or [0])
         self.contextual = None
-        if contextual:  # the base's own answers to the training prompts
+        if contextual:  # the base's own answers to the training prompts, posed as in training
             self.contextual = self._generate_stage(
                 "contextual", {**cf_settings, "task_prompts": str(self.train_file),
                                "prompt_field": exp.task.prompt_field,
-                               "chat": exp.task.prompt == "chat", "topk_logprobs": 0},
+                               "prompt_format": exp.task.prompt, "doc_start": exp.task.doc_start,
+                               "max_new_tokens": exp.contextual.max_new_tokens
+                               or exp.eval.max_new_tokens, "topk_logprobs": 0},
                 contextual, exp.cf.seed)
         self.replay_file = None
         if any(r["method"] == "replay" for r in trained):
@@ -330,7 +375,10 @@ class Runner:
                           lambda f=folder: (f / "manifest.json").is_file(), cost=examples)
             self.models[r["name"]] = folder
         measured = {k: v for k, v in dataclasses.asdict(exp.eval).items() if k != "plot_y"}
-        eval_key = _key(measured, str(self.heldout), str(self.test_file), EVAL_VERSION)
+        # The held-out folder is extended in place when `cf.heldout` grows: the count is part of
+        # the key (sample i is fixed), so a changed count re-scores every model on the new set.
+        eval_key = _key(measured, str(self.heldout), exp.cf_heldout, str(self.test_file),
+                        exp.task.prompt_spec, EVAL_VERSION)
         for name, model in self.models.items():
             folder = self.out / "evals" / f"{name}-{_key(str(model), eval_key)}"
             self._add(f"eval {name}", folder, self._eval_work(name, model, folder),
@@ -411,7 +459,8 @@ class Runner:
         def work() -> None:
             atomic_write_json_mkdir(folder / "result.json",
                                     evaluate_one(self.exp, name, model_path, self.heldout,
-                                                 self.test_file, self.base_fp))
+                                                 self.test_file, self.base_fp,
+                                                 self.reference()))
         return work
 
     # ------------------------------------------------------------------ running
@@ -435,6 +484,24 @@ class Runner:
             print(f"{self.out}: every stage is cached; nothing to do")
         return self.results()
 
+    def reference(self) -> list[float] | None:
+        """The base's log-probs of the held-out samples in `eval.score_dtype`, when that is not
+        the precision `logp_base` was stored in (computed once, kept beside the samples)."""
+        from cftune.evaluate.kl import logp_dtype, score_samples
+        from cftune.models import load_model
+        from cftune.samples import read_manifest
+
+        dtype = self.exp.eval.score_dtype
+        if logp_dtype(read_manifest(self.heldout)) == dtype:
+            return None
+        path = self.heldout / f"reference-{dtype}-{self.exp.cf_heldout}.json"
+        if not path.is_file():
+            model = load_model(self.exp.model, "auto", dtype, inference=True)
+            atomic_write_json(path, score_samples(model, self.heldout, self.exp.cf_heldout,
+                                                  self.exp.eval.batch_size, dtype,
+                                                  desc=f"base log-probs in {dtype}"))
+        return read_json(path)
+
     def results(self) -> list[dict[str, Any]]:
         rows = []
         for name, model in self.models.items():
@@ -447,10 +514,17 @@ class Runner:
                    "parent": run.get("of") if run else None,
                    "alpha": run.get("alpha") if run else None,
                    "metrics": result["metrics"], "steps": None, "tokens": None,
-                   "wall_time_s": None}
+                   "wall_time_s": None, "stream_capped": None}
             if run is not None and run["method"] != WISE_FT:
                 row.update(_training_facts(Path(model)))
+                if row["stream_capped"] is not None and row["method"] == "contextual":
+                    row["metrics"] = {**row["metrics"], "stream_capped": {
+                        "value": row["stream_capped"], "stderr": None, "ci95": None, "n": None}}
             rows.append(row)
+        sets = {r["metrics"]["kl"].get("samples_digest") for r in rows}
+        if len(sets) > 1:
+            raise CftuneError(f"{self.out}: the evaluations scored the KL on different held-out "
+                              f"sample sets ({len(sets)}); rerun `cftune run` to re-evaluate")
         return rows
 
 
@@ -480,7 +554,9 @@ def _training_facts(folder: Path) -> dict[str, Any]:
     log = folder / "training_log.jsonl"
     lines = [r for r in iter_jsonl(log) if "tokens_per_s" in r] if log.is_file() else []
     tokens = round(sum(r["tokens_per_s"] * r["seconds"] for r in lines)) if lines else None
-    return {"steps": m.get("steps"), "tokens": tokens, "wall_time_s": m.get("seconds")}
+    pool = m.get("cf_pool") or {}
+    return {"steps": m.get("steps"), "tokens": tokens, "wall_time_s": m.get("seconds"),
+            "stream_capped": pool.get("capped")}
 
 
 def atomic_write_json_mkdir(path: Path, obj: Any) -> None:
@@ -489,39 +565,49 @@ def atomic_write_json_mkdir(path: Path, obj: Any) -> None:
 
 
 def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Path,
-                 test_file: Path, base_fp: str) -> dict[str, Any]:
-    """Every metric of one model, in the report's row-metric format."""
-    from cftune.evaluate import answer_nll, kl_to_base, run_benchmark, task_accuracy
-    from cftune.models import load_model, load_tokenizer
+                 test_file: Path, base_fp: str, reference: list[float] | None = None
+                 ) -> dict[str, Any]:
+    """Every metric of one model, in the report's row-metric format.
 
-    e = exp.eval
+    One precision rule (issue 9, item 8): every log-likelihood metric (answer NLL, KL, benchmark
+    choices) in `eval.score_dtype` (fp32 by default), and only greedy decoding in
+    `eval.decode_dtype`, after the scoring, so a bf16 near-tie never flips a scored item.
+    """
+    from cftune.evaluate import answer_nll, kl_to_base, run_benchmark, task_accuracy
+    from cftune.models import load_model, load_tokenizer, weight_dtype
+
+    e, spec = exp.eval, exp.task.prompt_spec
     tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec, "auto", e.dtype, inference=True)
+    model = load_model(model_spec, "auto", e.score_dtype, inference=True)
     metrics: dict[str, Any] = {}
-    acc = task_accuracy(model, tokenizer, test_file, limit=e.task_limit,
-                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, dtype=e.dtype,
-                        prompt=exp.task.prompt)
-    metrics["task_acc"] = _metric(acc, "acc")
     metrics["task_nll"] = _metric(answer_nll(model, tokenizer, test_file, limit=e.task_limit,
-                                             prompt=exp.task.prompt, batch_size=e.batch_size,
-                                             dtype=e.dtype), "value")
-    kl = kl_to_base(model, heldout, batch_size=e.batch_size, dtype=e.dtype,
-                    base_fingerprint=base_fp, tokenizer=tokenizer)
-    metrics["kl"] = _metric(kl, "value")
+                                             prompt=spec, batch_size=e.batch_size,
+                                             dtype=e.score_dtype), "value")
+    kl = kl_to_base(model, heldout, batch_size=e.batch_size, dtype=e.score_dtype,
+                    limit=exp.cf_heldout, base_fingerprint=base_fp, tokenizer=tokenizer,
+                    reference=reference)
+    metrics["kl"] = {**_metric(kl, "value"), "samples_digest": kl["samples_digest"]}
+    if "reference_residual" in kl:
+        metrics["kl_reference_residual"] = _metric(kl["reference_residual"], "value")
     metrics["kl_per_token"] = _metric(kl, "per_token")
-    accs = []
+    primaries = []
     for bench in e.bench:
         res = run_benchmark(model, tokenizer, bench, limit=e.limit, batch_size=e.batch_size,
-                            dtype=e.dtype, data_dir=e.data_dir)
-        key = "acc_norm" if "acc_norm" in res else "acc"
-        metrics[f"bench/{bench}"] = _metric(res, key)
-        accs.append(res[key])
-    if accs:
-        se = math.sqrt(sum((metrics[f"bench/{b}"]["stderr"] or 0) ** 2 for b in e.bench)) / len(accs)
-        mean = sum(accs) / len(accs)
+                            dtype=e.score_dtype, data_dir=e.data_dir)
+        metrics[f"bench/{bench}"] = {**_metric(res, res["primary"]), "metric": res["primary"]}
+        primaries.append(metrics[f"bench/{bench}"])
+    if primaries:
+        se = math.sqrt(sum((m["stderr"] or 0) ** 2 for m in primaries)) / len(primaries)
+        mean = sum(m["value"] for m in primaries) / len(primaries)
         metrics["bench_avg"] = {"value": mean, "stderr": se,
                                 "ci95": [mean - 1.96 * se, mean + 1.96 * se],
-                                "n": sum(metrics[f"bench/{b}"]["n"] for b in e.bench)}
+                                "n": sum(m["n"] for m in primaries)}
+    device = next(model.parameters()).device
+    model.to(weight_dtype(e.decode_dtype, device, inference=True))
+    acc = task_accuracy(model, tokenizer, test_file, limit=e.task_limit,
+                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                        dtype=e.decode_dtype, prompt=spec)
+    metrics = {"task_acc": _metric(acc, "acc"), **metrics}
     return {"model": str(model_spec), "name": name, "metrics": metrics}
 
 
@@ -545,11 +631,12 @@ def run(config: RunConfig) -> Path | None:
     path = Path(config.experiment)
     exp = Experiment(path, Path(config.out) if config.out else None)
     runner = Runner(exp, config.only)
-    rows = runner.run(dry_run=config.dry_run)
-    if rows is None:
-        return None
-    write_report(rows, runner.out, y_name=exp.eval.plot_y)
-    atomic_write_json(runner.out / "results.json", rows)
+    with contextlib.nullcontext() if config.dry_run else output_lock(runner.out):
+        rows = runner.run(dry_run=config.dry_run)
+        if rows is None:
+            return None
+        write_report(rows, runner.out, y_name=exp.eval.plot_y)
+        atomic_write_json(runner.out / "results.json", rows)
     print_table(rows)
     print(f"wrote {runner.out}/results.csv, results.md, results.json, tradeoff.png")
     return runner.out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -120,15 +121,34 @@ def truncate_to_last_newline(path: Path) -> None:
 
 
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file; a malformed line is an error naming file and line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """Records of a JSONL file; a malformed or non-UTF-8 line is an error naming file and line.
+
+    Lines are decoded one by one, so a bad byte is reported at its line; a UTF-8 byte-order mark
+    (Windows editors write one) is skipped with a note."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+                note_bom(path)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CftuneError(f"{path} line {lineno}: not UTF-8 text (byte {raw[e.start]:#04x} "
+                                  f"at column {e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as e:
                 raise CftuneError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def note_bom(path: Path) -> None:
+    """Say, in one line, that a file's UTF-8 byte-order mark was skipped (accepted input)."""
+    print(f"cftune: note: {path} starts with a UTF-8 byte-order mark; skipped it", file=sys.stderr)
 
 
 def samples_file(folder: str | os.PathLike) -> Path:

@@ -34,9 +34,11 @@ import torch
 
 from cftune import data, objectives
 from cftune.config import field, to_dict
-from cftune.errors import CftuneError
+from cftune.errors import CftuneError, did_you_mean
+from cftune.locking import output_locked
 from cftune.models import DEFAULT_MODEL, DTYPES, load_model, load_tokenizer, resolve_device
-from cftune.samples import MANIFEST, atomic_write_json, read_json
+from cftune.prompts import known_doc_start
+from cftune.samples import MANIFEST, atomic_write_json, atomic_write_text, read_json
 
 LOG = "training_log.jsonl"
 CONFIG = "train_config.json"
@@ -84,7 +86,9 @@ class TrainConfig:
     replay: str | None = field(None, help="generic text corpus for `replay` (rows with a text field)")
     cfs_mode: str = field("mix", help="mix: CF examples mixed into batches, one loss over all "
                                       "targets; weighted: task mean + λ·CF mean")
-    cfs_ratio: float = field(1.0, help="CF examples per task example in every batch")
+    cfs_ratio: float = field(1.0, help="second-stream (CF, contextual, replay) examples per task "
+                                       "example: each batch holds batch_size task examples plus "
+                                       "about cfs_ratio x batch_size of these")
     cfs_lambda: float = field(1.0, help="λ of the CF term in `weighted` mode")
     # task data
     task_rows: int = field(1000, help="rows drawn from a builtin: task")
@@ -93,15 +97,23 @@ class TrainConfig:
     response_field: str = field("response", help="response field (GSM8K: answer)")
     messages_field: str = field("messages", help="chat messages field")
     text_field: str = field("text", help="plain text field")
-    prompt_format: str = field("auto", help="chat (the model's chat template), plain, or auto "
-                                            "(chat when the tokenizer has a template)")
+    prompt_format: str = field("auto", help="chat (the model's chat template), qa ('Question: "
+                                            "…\\nAnswer:' + ' ' + response), plain "
+                                            "(prompt_template), or auto (chat when the tokenizer "
+                                            "has a template, else plain)")
     prompt_template: str = field("{prompt}\n", help="plain prompt format, {prompt} is replaced")
+    doc_start: str | None = field(None, help="token a plain document or qa/plain prompt starts "
+                                             "with (a token, an id, or '' for none; default: the "
+                                             "rule of cftune.prompts.doc_start_ids)")
+    allow_filtered_cf: bool = field(False, help="train on a CF pool that generation filtered "
+                                                "(dedup/min-tokens): a biased CF term")
     max_length: int = field(512, help="longest example in tokens")
     overlong: str = field("truncate", help="over-long rows: truncate or drop")
     # optimisation
     max_steps: int = field(200, help="optimizer steps (0: train for `epochs`)")
     epochs: float = field(1.0, help="passes over the task data when max_steps is 0")
-    batch_size: int = field(8, help="examples per micro-batch (task + CF) per device")
+    batch_size: int = field(8, help="task examples per micro-batch per device (a second "
+                                    "stream adds cfs_ratio x this many)")
     grad_accum: int = field(1, help="micro-batches per optimizer step")
     learning_rate: float = field(1e-5, help="peak learning rate")
     lr_schedule: str = field("cosine", help=f"one of {', '.join(SCHEDULES)}")
@@ -145,7 +157,8 @@ class TrainConfig:
 
         def one_of(key: str, allowed: Sequence[str]) -> None:
             if getattr(self, key) not in allowed:
-                p.append(f"`{key}` = {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+                p.append(f"`{key}` = {getattr(self, key)!r} is not one of {', '.join(allowed)}"
+                         f"{did_you_mean(getattr(self, key), allowed)}")
 
         one_of("method", list(METHODS))
         one_of("cfs_mode", MODES)
@@ -418,6 +431,36 @@ def examples(config: TrainConfig, tokenizer, kind: str, path: str,
                                                      require_prompts=spec.contextual))
 
 
+def cf_pool_facts(config: TrainConfig) -> dict[str, Any] | None:
+    """How the training CF pool was drawn (for the manifest), refusing a filtered one.
+
+    The CF term is an expectation under p_base: de-duplication under-weights the most probable
+    sequences and a length filter drops short ones, so a filtered pool biases the estimator
+    (issue 9, item 5). Tempered pools are allowed (the temperature ablation needs them) and
+    recorded as such.
+    """
+    if config.spec.stream != "cf" or not config.cfs:
+        return None
+    from cftune.samples import read_manifest
+
+    manifest = read_manifest(config.cfs)
+    settings = manifest.get("settings") or {}
+    dedup, min_tokens = bool(settings.get("dedup")), int(settings.get("min_tokens") or 0)
+    filtered = dedup or min_tokens > 0
+    if filtered and not config.allow_filtered_cf:
+        raise CftuneError(
+            f"{config.cfs}/manifest.json: the CF pool was filtered (dedup={dedup}, "
+            f"min_tokens={min_tokens}), so its samples are not draws from the base and the CF "
+            f"term is biased; regenerate with --no-dedup --min-tokens 0, or pass "
+            f"--allow-filtered-cf")
+    counts = manifest.get("counts") or {}
+    samples = counts.get("samples") or 0
+    return {"sampling": manifest.get("sampling"), "dedup": dedup, "min_tokens": min_tokens,
+            "filtered": filtered, "prefix_ids": manifest.get("prefix_ids"), "samples": samples,
+            # samples cut at max_new_tokens (contextual answers should stay < 5%)
+            "capped": (counts.get("truncated") or 0) / samples if samples else None}
+
+
 def build_data(config: TrainConfig, tokenizer) -> tuple[data.ExampleDataset, dict[str, data.Counts]]:
     """Task examples + the method's second stream (CF samples, contextual data or a corpus)."""
     counts: dict[str, data.Counts] = {}
@@ -433,7 +476,7 @@ def cf_draws(config: TrainConfig, n_task: int) -> int:
     """CF examples the mixed sampler hands out over the whole run (one process)."""
     r = config.cfs_ratio
     if config.max_steps:
-        return math.ceil(config.max_steps * config.batch_size * config.grad_accum * r / (1 + r))
+        return math.ceil(config.max_steps * config.batch_size * config.grad_accum * r)
     return math.ceil(config.epochs * round(r * n_task))
 
 
@@ -583,6 +626,7 @@ def _prepare_out(out: Path, config: TrainConfig) -> str | None:
     return None
 
 
+@output_locked
 def train(config: TrainConfig, callbacks: Sequence[Any] = (), trainer_cls: type | None = None) -> Path:
     """Fine-tune `config.model` on `config.task` with `config.method`; return the output folder.
 
@@ -597,6 +641,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), trainer_cls: type 
     resume_from = _prepare_out(out, config)
     tokenizer = load_tokenizer(config.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pool = cf_pool_facts(config)
     train_ds, counts = build_data(config, tokenizer)
     eval_ds = build_eval_data(config, tokenizer) if config.eval_steps else None
     for name, c in counts.items():
@@ -616,14 +661,20 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), trainer_cls: type 
     trainer.add_callback(_progress_class())
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
-    return _save(trainer, tokenizer, config, out, inputs, counts, flow, result,
+    facts = {"flow_weights": flow, "cf_pool": pool,
+             "doc_start_ids": known_doc_start(tokenizer, config.doc_start)}
+    return _save(trainer, tokenizer, config, out, inputs, counts, facts, result,
                  time.perf_counter() - started)
 
 
 def _save(trainer, tokenizer, config: TrainConfig, out: Path, inputs: dict[str, str],
-          counts: dict[str, data.Counts], flow: dict | None, result, seconds: float) -> Path:
+          counts: dict[str, data.Counts], facts: dict[str, Any], result, seconds: float) -> Path:
     """Model, tokenizer, resolved config, then the manifest (last: its presence means done)."""
     trainer.save_model(str(out))
+    if trainer.args.should_save:  # Trainer pickles its arguments: a model folder holds
+        # safetensors, JSON and the tokenizer only (issue 15), so they are kept as JSON instead
+        (out / "training_args.bin").unlink(missing_ok=True)
+        atomic_write_text(out / "training_args.json", trainer.args.to_json_string() + "\n")
     tokenizer.save_pretrained(str(out))
     model = trainer.model
     if hasattr(model, "merge_and_unload") and config.lora_merge:
@@ -638,7 +689,7 @@ def _save(trainer, tokenizer, config: TrainConfig, out: Path, inputs: dict[str, 
         "stage": "train", "setting": config.setting(), "inputs": inputs,
         "counts": {k: dataclasses.asdict(v) for k, v in counts.items()},
         "steps": trainer.state.global_step, "train_loss": result.training_loss,
-        "final": train_logs[-1] if train_logs else None, "flow_weights": flow,
+        "final": train_logs[-1] if train_logs else None, **facts,
         "seconds": round(seconds, 2), "adapter": (out / "adapter_config.json").is_file(),
     })
     if not config.keep_checkpoints:  # only an unfinished run needs them (--resume)

@@ -6,8 +6,16 @@ fields, the answer choices, the gold index), the template formats the fields int
 and the scorer scores `target_delimiter + choice` after it. Templates follow lm-evaluation-harness
 0.4 task YAMLs, so numbers are comparable; docs/eval.md lists them.
 
-A path instead of a registered name is read by the reader its first record's keys point to (the
-cftune schema, llm-foundry, medagents or context/continuation files, see `detect`).
+A file of your own ("bring your own benchmark", issue 10) is read by the reader its first
+record's keys point to: its *shape* (`SHAPES`, see `detect_shape`). `custom(name, path, template,
+metric)` builds its spec, and `parse_bench` turns a CLI value `NAME=PATH` or a YAML entry
+`{name, path, template, metric}` into one; a bare `.jsonl` path is named after the file. Each shape
+has a default template (`DEFAULT_TEMPLATES`), overridable per benchmark.
+
+Each benchmark names its *primary* metric the way lm-evaluation-harness reports the task
+(`PRIMARY_METRICS`): acc_norm only where lm-eval reports it (ARC, PIQA, HellaSwag, OpenBookQA),
+acc elsewhere (BoolQ, COPA, Winogrande, PubMedQA, MedMCQA, LAMBADA) and for files of your own
+unless you say otherwise; averages over benchmarks use it.
 """
 
 from __future__ import annotations
@@ -16,12 +24,13 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cftune.errors import CftuneError
+from cftune.errors import CftuneError, did_you_mean
 
 
 @dataclass
@@ -52,10 +61,12 @@ class Item:
 class Benchmark:
     """A registry entry.
 
-    `metric`: "mc" (acc, acc_norm over the choices) or "last_word" (one continuation: accuracy =
-    greedy decoding reproduces it, plus perplexity; LAMBADA). `partial`: Winogrande partial
-    scoring, where the choice is substituted for "_" in `sentence` and the rest of the sentence is
-    scored. `choices`: fixed answer choices when the file stores the answer as text.
+    `metric`: how items are scored: "mc" (acc, acc_norm over the choices) or "last_word" (one
+    continuation: accuracy = greedy decoding reproduces it, plus perplexity; LAMBADA).
+    `primary`: the reported metric ("acc" or "acc_norm"; acc only for last_word and partial
+    scoring). `partial`: partial scoring, one context per choice and one shared continuation
+    (Winogrande: the choice replaces "_" in `sentence`; the `partial` shape: `context_options`).
+    `choices`: fixed answer choices when the file stores the answer as text.
     """
 
     name: str
@@ -67,6 +78,16 @@ class Benchmark:
     partial: bool = False
     target_delimiter: str = " "
     description: str = ""
+    primary: str = "acc"
+
+    def __post_init__(self) -> None:
+        allowed = ("acc",) if self.partial or self.metric == "last_word" else ("acc", "acc_norm")
+        if self.metric not in ("mc", "last_word"):
+            raise CftuneError(f"benchmark '{self.name}': scoring {self.metric!r} must be mc or last_word")
+        if self.primary not in allowed:
+            kind = "partial scoring" if self.partial else f"{self.metric} scoring"
+            raise CftuneError(f"benchmark '{self.name}': metric {self.primary!r} is not available "
+                              f"with {kind}; use {' or '.join(allowed)}")
 
 
 def _need(rec: dict, key: str, where: str, kind: type | tuple = str) -> Any:
@@ -77,9 +98,9 @@ def _need(rec: dict, key: str, where: str, kind: type | tuple = str) -> Any:
     return rec[key]
 
 
-def _gold_index(value: Any, n: int, where: str) -> int:
+def _gold_index(value: Any, n: int, where: str, into: str = "choices") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise CftuneError(f"{where}: `gold` = {value!r} must be an integer index into `choices`")
+        raise CftuneError(f"{where}: `gold` = {value!r} must be an integer index into `{into}`")
     if not 0 <= value < n:
         raise CftuneError(f"{where}: `gold` = {value} is out of range for {n} choices (0..{n - 1})")
     return value
@@ -113,7 +134,11 @@ def read_medagents(rec: dict, where: str, bench: Benchmark) -> Doc:
     question = _need(rec, "question", where)
     options = _need(rec, "options", where, dict)
     letters = sorted(options)
-    answer = _need(rec, "answer_idx", where)
+    if not letters or not all(isinstance(options[k], str) for k in letters):
+        raise CftuneError(f"{where}: `options` must map letters to answer texts, e.g. {{\"A\": \"...\"}}")
+    answer = _need(rec, "answer_idx", where, (str, int))
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(letters):
+        answer = letters[answer]  # an index into the sorted letters
     if answer not in options:
         raise CftuneError(f"{where}: `answer_idx` = {answer!r} is not one of {', '.join(letters)}")
     block = "".join(f"{k}. {options[k]}\n" for k in letters)
@@ -125,6 +150,8 @@ def read_context_continuation(rec: dict, where: str, bench: Benchmark) -> Doc:
     the continuation names the gold choice; otherwise it is the single scored continuation."""
     context = _need(rec, "context", where).rstrip()
     continuation = _need(rec, "continuation", where).strip()
+    if not continuation:
+        raise CftuneError(f"{where}: `continuation` is empty")
     if bench.choices:
         if continuation not in bench.choices:
             raise CftuneError(f"{where}: `continuation` = {continuation!r} is not one of "
@@ -145,6 +172,21 @@ def read_winogrande(rec: dict, where: str, bench: Benchmark) -> Doc:
     return Doc({"sentence": sentence}, choices, int(answer) - 1, where)
 
 
+def read_partial(rec: dict, where: str, bench: Benchmark) -> Doc:
+    """The partial-scoring shape `{"context_options": [..], "continuation", "gold"}` (lm-eval's
+    Winogrande in general form): each option is a context, the same continuation is scored
+    after each; `gold` indexes the options. The template sees the option as `{context}` (and any
+    other string field of the record)."""
+    options = _choices(rec, "context_options", where)
+    continuation = _need(rec, "continuation", where).strip()
+    if not continuation:
+        raise CftuneError(f"{where}: `continuation` is empty")
+    gold = _gold_index(_need(rec, "gold", where, object), len(options), where, "context_options")
+    fields = {k: v for k, v in rec.items() if isinstance(v, str)}
+    fields["continuation"] = continuation
+    return Doc(fields, options, gold, where)
+
+
 def read_cftune(rec: dict, where: str, bench: Benchmark) -> Doc:
     """The cftune schema (docs/eval.md): `{"context", "choices", "gold"}`; the context is used
     verbatim and each choice is scored as " " + choice."""
@@ -159,17 +201,38 @@ READERS: dict[str, Callable[[dict, str, Benchmark], Doc]] = {
     "medagents": read_medagents,
     "context_continuation": read_context_continuation,
     "winogrande": read_winogrande,
+    "partial": read_partial,
     "cftune": read_cftune,
+}
+
+# The file shapes, named by their keys (reported as `shape` in results), and each one's default
+# template (override with `custom(..., template=...)` / YAML `template:`).
+SHAPES: dict[str, str] = {
+    "cftune": "{context, choices, gold}",
+    "llmfoundry_mc": "{query, choices, gold}",
+    "medagents": "{question, options, answer_idx}",
+    "context_continuation": "{context, continuation}",
+    "partial": "{context_options, continuation, gold}",
+    "winogrande": "{sentence, option1, option2, answer}",
+}
+DEFAULT_TEMPLATES: dict[str, str] = {
+    "cftune": "{context}",
+    "llmfoundry_mc": "{query}\nAnswer:",  # = "Question: {question}\nAnswer:" for ARC/PIQA files
+    "medagents": "Question: {question}\nChoices:\n{options}Answer:",
+    "context_continuation": "{context}",
+    "partial": "{context}",
+    "winogrande": "{sentence}",
 }
 
 _QA = "Question: {question}\nAnswer:"
 REGISTRY: dict[str, Benchmark] = {b.name: b for b in [
     Benchmark("arc_easy", "arc_easy/arc_easy_test.llmfoundry.jsonl", "llmfoundry_mc", _QA,
-              description="ARC-Easy test (llm-foundry copy, 4 choices each)"),
+              primary="acc_norm", description="ARC-Easy test (llm-foundry copy, 4 choices each)"),
     Benchmark("arc_challenge", "arc_challenge/arc_challenge_test.llmfoundry.jsonl",
-              "llmfoundry_mc", _QA, description="ARC-Challenge test (llm-foundry copy)"),
+              "llmfoundry_mc", _QA, primary="acc_norm",
+              description="ARC-Challenge test (llm-foundry copy)"),
     Benchmark("piqa", "piqa/piqa_validation.llmfoundry.jsonl", "llmfoundry_mc", _QA,
-              description="PIQA validation"),
+              primary="acc_norm", description="PIQA validation"),
     Benchmark("boolq", "boolq/boolq_dev.llmfoundry.jsonl", "llmfoundry_mc",
               "{passage}\nQuestion: {question}?\nAnswer:", description="BoolQ dev (no/yes)"),
     Benchmark("lambada", "lambada/lambada_openai_test.llmfoundry.jsonl", "context_continuation",
@@ -182,25 +245,83 @@ REGISTRY: dict[str, Benchmark] = {b.name: b for b in [
               partial=True, description="Winogrande (partial scoring; file not shipped)"),
 ]}
 
+# lm-evaluation-harness's reported metric per task (its task YAMLs; issue 9 item 6): acc_norm
+# where lm-eval reports it, acc otherwise. A benchmark file of your own named like one of these
+# gets its metric; any other defaults to acc.
+PRIMARY_METRICS: dict[str, str] = {
+    **{b.name: b.primary for b in REGISTRY.values()},
+    "hellaswag": "acc_norm", "openbookqa": "acc_norm", "copa": "acc",
+}
 
-def detect(path: Path, first: dict) -> Benchmark:
-    """A benchmark spec for a file given by path, chosen by its first record's keys."""
+
+def detect_shape(first: dict, where: str) -> str:
+    """The shape (a key of `SHAPES` / `READERS`) of a file, from its first record's keys."""
     keys = set(first)
-    name = path.stem
+    if "context_options" in keys:
+        return "partial"
     if "query" in keys:
-        return Benchmark(name, str(path), "llmfoundry_mc", "{query}\nAnswer:")
+        return "llmfoundry_mc"
     if "options" in keys or "answer_idx" in keys:
-        return Benchmark(name, str(path), "medagents", REGISTRY["medmcqa"].template)
+        return "medagents"
     if "sentence" in keys:
-        return Benchmark(name, str(path), "winogrande", "{sentence}", partial=True)
+        return "winogrande"
     if {"context", "continuation"} <= keys:
-        return Benchmark(name, str(path), "context_continuation", "{context}", metric="last_word")
+        return "context_continuation"
     if "context" in keys:
-        return Benchmark(name, str(path), "cftune", "{context}")
+        return "cftune"
     raise CftuneError(
-        f"{path} line 1: cannot tell the benchmark format from keys {', '.join(sorted(keys))}; "
-        "use the cftune schema {\"context\", \"choices\", \"gold\"} (docs/eval.md)"
+        f"{where}: cannot tell the benchmark format from keys {', '.join(sorted(keys)) or 'none'}; "
+        f"use one of the shapes {'; '.join(SHAPES.values())} (docs/eval.md)"
     )
+
+
+def custom(name: str, path: str | Path, template: str | None = None,
+           metric: str | None = None) -> Benchmark:
+    """The spec of a benchmark file of your own: its shape detected from the first record, the
+    shape's default template unless `template` is given, and `metric` (the primary metric: acc,
+    or acc_norm for multiple choice; default acc, or lm-eval's choice when `name` is a task in
+    `PRIMARY_METRICS`). Fails fast, with a one-line error, on a missing or empty file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CftuneError(f"benchmark '{name}': file {path} not found")
+    first = next(_iter_records(path), None)
+    if first is None:
+        raise CftuneError(f"{path}: empty benchmark (no records)")
+    reader = detect_shape(first[1], f"{path} line {first[0]}")
+    return Benchmark(name, str(path), reader, template or DEFAULT_TEMPLATES[reader],
+                     metric="last_word" if reader == "context_continuation" else "mc",
+                     partial=reader in ("partial", "winogrande"),
+                     primary=metric or PRIMARY_METRICS.get(name, "acc"))
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+SPEC_KEYS = ("name", "path", "template", "metric")
+
+
+def parse_bench(value: str | dict | Benchmark) -> str | Benchmark:
+    """One `--bench` value or YAML `bench:` entry: a registry name or a `.jsonl` path is returned
+    as is; `NAME=PATH` (CLI) and `{name, path, template, metric}` (YAML) become the `custom`
+    spec of that file named NAME."""
+    if isinstance(value, Benchmark):
+        return value
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(SPEC_KEYS))
+        missing = [k for k in ("name", "path") if not value.get(k)]
+        if unknown or missing:
+            raise CftuneError(f"bench entry {value!r:.80}: "
+                              + "; ".join([f"unknown key(s) {', '.join(unknown)}"] * bool(unknown)
+                                          + [f"missing {', '.join(missing)}"] * bool(missing))
+                              + f" (allowed: {', '.join(SPEC_KEYS)})")
+        return custom(str(value["name"]), value["path"], value.get("template"), value.get("metric"))
+    if not isinstance(value, str):
+        raise CftuneError(f"bench entry {value!r:.60} must be a name, a path, NAME=PATH or a mapping")
+    name, sep, path = value.partition("=")
+    if not sep or Path(value).expanduser().is_file():  # a file whose name holds "=" is a path
+        return value
+    if not _NAME.fullmatch(name) or not path:
+        raise CftuneError(f"--bench {value!r}: expected NAME=PATH with NAME of letters, digits, "
+                          "'_', '.', '-' (e.g. mytask=data/mytask.jsonl)")
+    return custom(name, path)
 
 
 def default_data_dir() -> Path | None:
@@ -211,27 +332,35 @@ def default_data_dir() -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
-def resolve(name_or_path: str, data_dir: str | Path | None = None) -> tuple[Benchmark, Path]:
-    """The registry entry (or detected spec) and the file for a `--bench` value."""
-    path = Path(name_or_path).expanduser()
+def resolve(spec: str | dict | Benchmark, data_dir: str | Path | None = None) -> tuple[Benchmark, Path]:
+    """The registry entry (or file spec) and the file for a `--bench` value (see `parse_bench`).
+    A `Benchmark`'s relative file is read from the working directory, else the data folder."""
+    if not isinstance(spec, Benchmark):
+        spec = parse_bench(spec)
+    if isinstance(spec, Benchmark):
+        file = Path(spec.file).expanduser()
+        root = Path(data_dir) if data_dir else default_data_dir()
+        if not file.is_file() and not file.is_absolute() and root is not None:
+            file = root / file
+        if not file.is_file():
+            raise CftuneError(f"benchmark '{spec.name}': {file} not found")
+        return spec, file
+    path = Path(spec).expanduser()
     if path.suffix == ".jsonl" or path.is_file():
         if not path.is_file():
             raise CftuneError(f"benchmark file {path} not found")
-        first = next(_iter_records(path), None)
-        if first is None:
-            raise CftuneError(f"{path}: empty benchmark (no records)")
-        return detect(path, first[1]), path
-    if name_or_path not in REGISTRY:
-        raise CftuneError(f"unknown benchmark '{name_or_path}': give a .jsonl file or one of "
-                          f"{', '.join(REGISTRY)}")
-    bench = REGISTRY[name_or_path]
+        return custom(path.stem, path), path
+    if spec not in REGISTRY:
+        raise CftuneError(f"unknown benchmark '{spec}': give a .jsonl file, NAME=PATH or one of "
+                          f"{', '.join(REGISTRY)}{did_you_mean(spec, REGISTRY)}")
+    bench = REGISTRY[spec]
     root = Path(data_dir) if data_dir else default_data_dir()
     if root is None:
-        raise CftuneError(f"benchmark '{name_or_path}' is looked up in a data folder: pass "
+        raise CftuneError(f"benchmark '{spec}' is looked up in a data folder: pass "
                           "--data-dir or set $CFTUNE_DATA")
     file = root / bench.file
     if not file.is_file():
-        raise CftuneError(f"benchmark '{name_or_path}': {file} not found (check --data-dir)")
+        raise CftuneError(f"benchmark '{spec}': {file} not found (check --data-dir)")
     return bench, file
 
 
@@ -268,13 +397,22 @@ def subset(n_total: int, limit: int | None, seed: int = 0) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_total), limit))
 
 
+def _format(bench: Benchmark, doc: Doc, **extra: str) -> str:
+    try:
+        return bench.template.format(**{**doc.fields, **extra})
+    except (KeyError, IndexError) as e:
+        raise CftuneError(f"{doc.where}: template of '{bench.name}' needs field {e} (fields: "
+                          f"{', '.join(sorted({**doc.fields, **extra}))})") from None
+
+
 def build_item(bench: Benchmark, doc: Doc) -> Item:
     """Apply the prompt template: contexts and scored continuations of one doc."""
-    try:
-        context = bench.template.format(**doc.fields)
-    except KeyError as e:
-        raise CftuneError(f"{doc.where}: template of '{bench.name}' needs field {e}") from None
     d = bench.target_delimiter
+    if bench.reader == "partial":  # each option is a context (the template's {context})
+        rest = d + doc.fields["continuation"]
+        return Item([_format(bench, doc, context=c) for c in doc.choices], [rest] * len(doc.choices),
+                    doc.gold, doc.choices)
+    context = _format(bench, doc)
     if bench.partial:  # lm-eval winogrande: context = text before "_" + option; score the rest
         sentence = doc.fields["sentence"]
         cut = sentence.index("_")
@@ -293,14 +431,22 @@ def content_hash(path: Path, bench: Benchmark) -> str:
 
 @dataclass
 class LoadedBenchmark:
+    """A benchmark ready to score: `items[k]` is the file's record number `indices[k]` (0-based,
+    the item id in per-item results)."""
+
     bench: Benchmark
     path: Path
     items: list[Item]
     n_total: int
     indices: list[int]
 
+    @property
+    def shape(self) -> str:
+        """The file's shape by its keys, e.g. "{query, choices, gold}"."""
+        return SHAPES[self.bench.reader]
 
-def load(name_or_path: str, limit: int | None = None, data_dir: str | Path | None = None,
+
+def load(name_or_path: str | dict | Benchmark, limit: int | None = None, data_dir: str | Path | None = None,
          seed: int = 0) -> LoadedBenchmark:
     """Read, validate and template a benchmark; `limit` keeps a fixed subset (first N by
     default). A limit above the set size is clamped with a note, not an error."""

@@ -13,6 +13,8 @@ mean difference is then not the KL: such samples are refused unless `force=True`
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,37 +88,84 @@ def ratio_interval(num: Sequence[float], den: Sequence[float]) -> dict:
     return {"value": r, "stderr": se, "ci95": [r - Z95 * se, r + Z95 * se]}
 
 
+def heldout_records(samples_folder: str | Path, limit: int | None = None) -> list[dict]:
+    """The first `limit` non-empty samples of a folder (sample i is the same however many were
+    drawn, so a folder extended later still gives the same first `limit`)."""
+    records = [r for r in iter_samples(samples_folder) if r["token_ids"]]
+    return records[:limit] if limit is not None else records
+
+
+def samples_digest(records: Sequence[dict]) -> str:
+    """A content hash of exactly the samples scored (ids, tokens, stored log-probs): evaluations
+    are keyed and compared by it, so a table never mixes two sample sets (issue 9, item 7)."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r["id"], r["token_ids"], r["logp_base"]]).encode())
+    return h.hexdigest()[:20]
+
+
+def logp_dtype(manifest: dict) -> str:
+    """The precision `logp_base` was computed in (older manifests: the generation dtype)."""
+    return manifest.get("logp_dtype") or (manifest.get("settings") or {}).get("dtype") or "fp32"
+
+
+def _requests(samples_folder: str | Path, records: list[dict]) -> list[tuple[list, list]]:
+    prefix = list(read_manifest(samples_folder).get("prefix_ids") or [])
+    requests = [(r.get("prompt_ids") or prefix, r["token_ids"]) for r in records]
+    if not all(ctx for ctx, _ in requests):
+        raise CftuneError(f"{samples_folder}/manifest.json: `prefix_ids` is empty; the samples "
+                          "need the context they were drawn after")
+    return requests
+
+
+def score_samples(model, samples_folder: str | Path, limit: int | None = None,
+                  batch_size: int = 8, dtype: str = "fp32", desc: str | None = None) -> list[float]:
+    """log p_model(x) of the first `limit` samples (the base's own, for a `reference`)."""
+    records = heldout_records(samples_folder, limit)
+    scored = score_continuations(model, _requests(samples_folder, records), batch_size, dtype,
+                                 desc=desc)
+    return [s.logprob for s in scored]
+
+
 def kl_to_base(model, samples_folder: str | Path, batch_size: int = 8, dtype: str = "fp32",
                force: bool = False, limit: int | None = None, base_fingerprint: str | None = None,
-               tokenizer=None) -> dict:
+               tokenizer=None, reference: Sequence[float] | None = None) -> dict:
     """KL(base ‖ model) from a finished sample folder of the base: `value` (nats per sequence),
-    `stderr`, `ci95`, `n` (samples), and `per_token` = {value, stderr, ci95, n (tokens)}.
+    `stderr`, `ci95`, `n` (samples), `per_token` = {value, stderr, ci95, n (tokens)},
+    `per_sample` (each sample's log-ratio) and `samples_digest` (what was scored).
 
     Give `base_fingerprint` / `tokenizer` (the base's) to check the samples came from them.
-    For the base itself the result is the recomputation error of `logp_base`, ~1e-5 nats per
+    `reference`: the base's log-probs of the same samples in the precision the model is scored
+    in, used instead of the stored `logp_base` when the two precisions differ (a bf16 model
+    against fp32 `logp_base` carries a rounding offset, +0.13 nats per sample for SmolLM2); the
+    stored-minus-reference gap is then reported as `reference_residual`, a diagnostic that is
+    never subtracted. For the base itself the result is the recomputation error, ~1e-5 nats per
     sample in fp32 (it is not forced to 0, so a wrong sample set shows up).
     """
     manifest = read_manifest(samples_folder)
     check_manifest(samples_folder, manifest, base_fingerprint, tokenizer, force)
-    prefix = list(manifest.get("prefix_ids") or [])
-    records = [r for r in iter_samples(samples_folder) if r["token_ids"]]
-    if limit is not None:
-        records = records[:limit]
+    records = heldout_records(samples_folder, limit)
     if len(records) < 2:
         raise CftuneError(f"{samples_folder}: {len(records)} usable sample(s); the KL estimate "
                           "needs at least 2 (more for a useful error bar)")
-    requests = [(r.get("prefix_ids") or prefix, r["token_ids"]) for r in records]
-    if not all(ctx for ctx, _ in requests):
-        raise CftuneError(f"{samples_folder}/manifest.json: `prefix_ids` is empty; the samples "
-                          "need the context they were drawn after")
-    scored = score_continuations(model, requests, batch_size, dtype, desc="KL to base")
-    diffs = [r["logp_base"] - s.logprob for r, s in zip(records, scored)]
+    if reference is not None and len(reference) != len(records):
+        raise CftuneError(f"{samples_folder}: {len(reference)} reference log-probs for "
+                          f"{len(records)} samples")
+    scored = score_continuations(model, _requests(samples_folder, records), batch_size, dtype,
+                                 desc="KL to base")
+    stored = [r["logp_base"] for r in records]
+    base = list(reference) if reference is not None else stored
+    diffs = [b - s.logprob for b, s in zip(base, scored)]
     lengths = [len(r["token_ids"]) for r in records]
     out = mean_interval(diffs)
     per_token = ratio_interval(diffs, lengths)
     out.update(
         per_token={**per_token, "n": sum(lengths)}, n_tokens=sum(lengths),
         unfinished=sum(not r.get("finished", True) for r in records),
-        forced=bool(force), samples=str(samples_folder),
+        forced=bool(force), samples=str(samples_folder), samples_digest=samples_digest(records),
+        per_sample=diffs,  # log p_base − log p_model per sample, in file order (paired tests)
+        score_dtype=dtype, logp_base_dtype=logp_dtype(manifest),
     )
+    if reference is not None:
+        out["reference_residual"] = mean_interval([a - b for a, b in zip(stored, base)])
     return out

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from cftune.errors import CftuneError
-from cftune.evaluate.benchmarks import Item, load
+from cftune.evaluate.benchmarks import REGISTRY, Benchmark, Item, load
 from cftune.models import autocast
 from cftune.scoring import Scored, score_continuations
 
@@ -160,6 +160,16 @@ def score_items(model, tokenizer, items: list[Item], batch_size: int = 16, dtype
     return per_item
 
 
+def _argmax(scores: list[float]) -> int:
+    return max(range(len(scores)), key=scores.__getitem__)  # first maximum, as np.argmax
+
+
+def choice_lengths(item: Item) -> list[int]:
+    """What acc_norm divides each choice's log-likelihood by: its UTF-8 byte length (lm-eval
+    divides by characters, the same for ASCII)."""
+    return [max(1, len(c.encode("utf-8"))) for c in item.choices]
+
+
 def mc_metrics(items: list[Item], scored: list[list[Scored]], partial: bool = False) -> dict:
     """acc (argmax of summed log-prob), acc_norm (divided by the choice's UTF-8 byte length; lm-eval
     divides by characters, the same for ASCII), each with its binomial standard error."""
@@ -167,10 +177,8 @@ def mc_metrics(items: list[Item], scored: list[list[Scored]], partial: bool = Fa
     correct, correct_norm = 0, 0
     for item, s in zip(items, scored):
         lls = [x.logprob for x in s]
-        correct += int(max(range(len(lls)), key=lls.__getitem__) == item.gold)
-        lengths = [max(1, len(c.encode("utf-8"))) for c in item.choices]
-        normed = [ll / length for ll, length in zip(lls, lengths)]
-        correct_norm += int(max(range(len(normed)), key=normed.__getitem__) == item.gold)
+        correct += int(_argmax(lls) == item.gold)
+        correct_norm += int(_argmax([ll / k for ll, k in zip(lls, choice_lengths(item))]) == item.gold)
     acc = correct / n
     out = {"acc": acc, "acc_stderr": binomial_stderr(acc, n), "n": n}
     if not partial:  # with partial scoring every choice scores the same continuation
@@ -179,32 +187,80 @@ def mc_metrics(items: list[Item], scored: list[list[Scored]], partial: bool = Fa
     return out
 
 
+def mc_records(items: list[Item], scored: list[list[Scored]], indices: list[int],
+               primary: str = "acc", partial: bool = False) -> list[dict]:
+    """Per-item results, for paired comparisons between models (cftune.evaluate.paired):
+    `index` (the item's record number in the file), `logliks` (summed log-likelihood per choice),
+    `lengths` (acc_norm's divisors; absent with partial scoring), `pred` (the chosen index under
+    the primary metric), `gold`, `correct`."""
+    records = []
+    for index, item, s in zip(indices, items, scored):
+        lls = [x.logprob for x in s]
+        rec: dict = {"index": index, "logliks": lls}
+        if partial:
+            pred = _argmax(lls)
+        else:
+            rec["lengths"] = choice_lengths(item)
+            normed = [ll / k for ll, k in zip(lls, rec["lengths"])]
+            pred = _argmax(normed if primary == "acc_norm" else lls)
+        rec.update(pred=pred, gold=item.gold, correct=pred == item.gold)
+        records.append(rec)
+    return records
+
+
 def last_word_metrics(scored: list[list[Scored]]) -> dict:
     """LAMBADA: accuracy = greedy decoding reproduces the last word; perplexity = exp of minus the
-    mean per-item log-likelihood (lm-eval's `perplexity` aggregation)."""
+    mean per-item log-likelihood (lm-eval's `perplexity` aggregation); `loglik`: that mean (the
+    answer's log-likelihood, nats per item) with its standard error."""
     n = len(scored)
     acc = sum(s[0].is_greedy for s in scored) / n
-    mean_ll = sum(s[0].logprob for s in scored) / n
-    return {"acc": acc, "acc_stderr": binomial_stderr(acc, n), "perplexity": math.exp(-mean_ll), "n": n}
+    lls = [s[0].logprob for s in scored]
+    mean_ll = sum(lls) / n
+    ll_se = math.sqrt(sum((x - mean_ll) ** 2 for x in lls) / (n - 1) / n) if n > 1 else float("nan")
+    return {"acc": acc, "acc_stderr": binomial_stderr(acc, n), "perplexity": math.exp(-mean_ll),
+            "loglik": mean_ll, "loglik_stderr": ll_se, "n": n}
 
 
-def run_benchmark(model, tokenizer, name_or_path: str, limit: int | None = None,
+def last_word_records(scored: list[list[Scored]], indices: list[int]) -> list[dict]:
+    """Per-item results of last-word scoring: one choice (the word), `logliks` = [its summed
+    log-likelihood], `n_tokens`, `correct` = greedy decoding reproduces it; `pred` is 0 when it
+    does and None otherwise (the greedy continuation is not among the scored choices)."""
+    return [{"index": index, "logliks": [s[0].logprob], "n_tokens": len(s[0].token_logprobs),
+             "pred": 0 if s[0].is_greedy else None, "gold": 0, "correct": bool(s[0].is_greedy)}
+            for index, s in zip(indices, scored)]
+
+
+def primary_value(result: dict) -> float:
+    """The value of a `run_benchmark` result under its primary metric (result["primary"]: acc or
+    acc_norm, as lm-eval reports the task). Results from before `primary` existed fall back to
+    the registry's choice for their benchmark, else acc."""
+    primary = result.get("primary") or getattr(REGISTRY.get(result.get("benchmark", "")), "primary", "acc")
+    return result[primary]
+
+
+def run_benchmark(model, tokenizer, name_or_path: str | dict | Benchmark, limit: int | None = None,
                   batch_size: int = 16, dtype: str = "fp32", data_dir: str | Path | None = None,
                   seed: int = 0) -> dict:
-    """Score one benchmark (registry name or JSONL path): acc, acc_stderr, acc_norm (multiple
-    choice) or perplexity (last word), n, items/s, and what was scored (file, subset)."""
+    """Score one benchmark (registry name, JSONL path, NAME=PATH or a `Benchmark`): acc,
+    acc_stderr, acc_norm (multiple choice) or perplexity and loglik (last word), n, items/s, what
+    was scored (file, shape, subset), `primary` (the metric to report: acc or acc_norm) and
+    `items`, the per-item records (`mc_records`, `last_word_records`) paired comparisons need."""
     loaded = load(name_or_path, limit, data_dir, seed)
+    bench = loaded.bench
     start = time.perf_counter()
-    scored = score_items(model, tokenizer, loaded.items, batch_size, dtype, desc=loaded.bench.name)
+    scored = score_items(model, tokenizer, loaded.items, batch_size, dtype, desc=bench.name)
     seconds = time.perf_counter() - start
-    if loaded.bench.metric == "last_word":
+    if bench.metric == "last_word":
         out = last_word_metrics(scored)
+        records = last_word_records(scored, loaded.indices)
     else:
-        out = mc_metrics(loaded.items, scored, partial=loaded.bench.partial)
-    out.update(benchmark=loaded.bench.name, file=str(loaded.path), n_total=loaded.n_total,
+        out = mc_metrics(loaded.items, scored, partial=bench.partial)
+        records = mc_records(loaded.items, scored, loaded.indices, bench.primary, bench.partial)
+    out.update(benchmark=bench.name, primary=bench.primary, shape=loaded.shape,
+               file=str(loaded.path), n_total=loaded.n_total,
                subset="all" if len(loaded.items) == loaded.n_total else
                (f"first {len(loaded.items)}" if seed == 0 else f"{len(loaded.items)} drawn with seed {seed}"),
-               seconds=seconds, items_per_s=len(loaded.items) / max(seconds, 1e-9))
-    print(f"cftune eval: {loaded.bench.name}: {len(loaded.items)} items in {seconds:.1f} s "
-          f"({out['items_per_s']:.2f} items/s), acc {out['acc']:.4f}")
+               seconds=seconds, items_per_s=len(loaded.items) / max(seconds, 1e-9), items=records)
+    print(f"cftune eval: {bench.name}: {len(loaded.items)} items in {seconds:.1f} s "
+          f"({out['items_per_s']:.2f} items/s), {bench.primary} {out[bench.primary]:.4f}")
     return out

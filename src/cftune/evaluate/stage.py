@@ -9,6 +9,7 @@ float rounding).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -18,15 +19,25 @@ from pathlib import Path
 from cftune.config import field, to_dict
 from cftune.errors import CftuneError
 from cftune.evaluate import benchmarks
-from cftune.evaluate.kl import kl_to_base
+from cftune.evaluate.kl import kl_to_base, logp_dtype, score_samples
 from cftune.evaluate.multiple_choice import run_benchmark
 from cftune.evaluate.perplexity import perplexity
 from cftune.evaluate.report import build_entries, write
 from cftune.evaluate.task_accuracy import PROMPTS, answer_nll, task_accuracy
-from cftune.models import DEFAULT_MODEL, DTYPES, cache_dir, fingerprint, load_model, load_tokenizer
-from cftune.samples import samples_file
+from cftune.locking import output_locked
+from cftune.models import (
+    DEFAULT_MODEL,
+    DTYPES,
+    cache_dir,
+    fingerprint,
+    load_model,
+    load_tokenizer,
+    weight_dtype,
+)
+from cftune.prompts import PromptSpec
+from cftune.samples import read_manifest, samples_file
 
-CACHE_VERSION = 1  # bump when a metric's computation changes
+CACHE_VERSION = 2  # bump when a metric's computation changes
 
 
 @dataclass
@@ -43,10 +54,18 @@ class EvalConfig:
     seed: int = field(0, "subset for --limit: 0 = the first N items, else a seeded draw of N")
     num_fewshot: int = field(0, "few-shot examples before each task question")
     fewshot_file: str | None = field(None, "GSM8K-format file the few-shot examples come from")
-    task_prompt: str = field("qa", "task prompt: qa ('Question: …\\nAnswer:') | chat (chat template)")
+    task_prompt: str = field("qa", "task prompt, as in training: qa ('Question: …\\nAnswer:') | "
+                             "chat (chat template) | plain (prompt_template) | auto")
+    prompt_template: str = field("{prompt}\n", "plain task prompt format, {prompt} is replaced")
+    doc_start: str | None = field(None, "token a qa/plain prompt starts with, as in training "
+                                  "(default: cftune.prompts.doc_start_ids)")
     max_new_tokens: int = field(256, "maximum generated tokens per task answer")
     batch_size: int = field(16, "sequences per forward pass")
-    dtype: str = field("fp32", "fp32 | bf16 | fp16 (bf16 on CPU = bf16 autocast)")
+    score_dtype: str = field("fp32", "precision of every log-likelihood metric (KL, benchmarks, "
+                             "answer NLL, perplexity); not fp32: the KL's base log-probs are "
+                             "re-scored in it and their gap to the stored ones is reported")
+    decode_dtype: str = field("fp32", "precision of greedy task decoding (bf16 weights: faster "
+                              "on CPUs with AVX512-BF16; flips near-ties)")
     device: str = field("auto", "auto | cpu | cuda | mps")
     out: str = field("evals", "output folder for eval.json and eval.md")
     force_kl: bool = field(False, "estimate the KL even from biased or mismatched samples")
@@ -63,12 +82,18 @@ class EvalConfig:
                 problems.append(f"{name} must be > 0 (got {value})")
         if self.num_fewshot < 0:
             problems.append(f"num_fewshot must be >= 0 (got {self.num_fewshot})")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype})")
+        for name in ("score_dtype", "decode_dtype"):
+            if getattr(self, name) not in DTYPES:
+                problems.append(f"{name} must be one of {', '.join(DTYPES)} "
+                                f"(got {getattr(self, name)})")
         if self.task_prompt not in PROMPTS:
             problems.append(f"task_prompt must be one of {', '.join(PROMPTS)} (got {self.task_prompt})")
         if problems:
             raise CftuneError("; ".join(problems))
+
+    @property
+    def prompt_spec(self) -> PromptSpec:
+        return PromptSpec(self.task_prompt, self.prompt_template, self.doc_start)
 
 
 def file_hash(path: str | Path) -> str:
@@ -102,57 +127,89 @@ def check_vocab(spec: str, tokenizer, base: str, base_tokenizer) -> None:
 
 
 def _evaluate_model(config: EvalConfig, spec: str, fp: str, tokenizer, base_fp: str,
-                    base_tokenizer) -> list[tuple[str, str, dict]]:
-    """(kind, name, result) for every requested metric of one model (freed on return)."""
-    model = load_model(spec, config.device, config.dtype)
-    settings = {"dtype": config.dtype, "device": str(next(model.parameters()).device.type)}
-    bs, dt, use = config.batch_size, config.dtype, config.cache
+                    base_tokenizer, reference: list[float] | None) -> list[tuple[str, str, dict]]:
+    """(kind, name, result) for every requested metric of one model (freed on return).
+
+    Log-likelihood metrics first, in `score_dtype`; greedy decoding last, in `decode_dtype`
+    (issue 9, item 8: one precision rule for the CLI and the runner).
+    """
+    model = load_model(spec, config.device, config.score_dtype, inference=True)
+    device = next(model.parameters()).device
+    scoring = {"dtype": config.score_dtype, "device": device.type}
+    bs, dt, use = config.batch_size, config.score_dtype, config.cache
+    prompt = config.prompt_spec
     out = []
     if config.kl_samples:
         key = {"kind": "kl", "samples": file_hash(samples_file(config.kl_samples)),
-               "force": config.force_kl, **settings}
+               "force": config.force_kl, "reference": reference is not None, **scoring}
         out.append(("kl", "kl", _cached(use, fp, key, lambda: kl_to_base(
-            model, config.kl_samples, bs, dt, config.force_kl, None, base_fp, base_tokenizer))))
+            model, config.kl_samples, bs, dt, config.force_kl, None, base_fp, base_tokenizer,
+            reference))))
     for name in config.bench:
         bench, path = benchmarks.resolve(name, config.data_dir)
         key = {"kind": "bench", "data": benchmarks.content_hash(path, bench),
-               "limit": config.limit, "seed": config.seed, **settings}
+               "limit": config.limit, "seed": config.seed, **scoring}
         out.append(("bench", bench.name, _cached(use, fp, key, lambda name=name: run_benchmark(
             model, tokenizer, name, config.limit, bs, dt, config.data_dir, config.seed))))
     if config.task:
-        key = {"kind": "task", "data": file_hash(config.task), "limit": config.limit,
-               "fewshot": [config.num_fewshot, config.fewshot_file and file_hash(config.fewshot_file)],
-               "max_new_tokens": config.max_new_tokens, "prompt": config.task_prompt, **settings}
-        out.append(("task", Path(config.task).stem, _cached(use, fp, key, lambda: task_accuracy(
-            model, tokenizer, config.task, config.limit, config.max_new_tokens,
-            config.num_fewshot, config.fewshot_file, config.task_prompt, bs, dt))))
         key = {"kind": "task_nll", "data": file_hash(config.task), "limit": config.limit,
-               "prompt": config.task_prompt, **settings}
+               "prompt": dataclasses.asdict(prompt), **scoring}
         out.append(("task_nll", Path(config.task).stem, _cached(use, fp, key, lambda: answer_nll(
-            model, tokenizer, config.task, config.limit, config.task_prompt, bs, dt))))
+            model, tokenizer, config.task, config.limit, prompt, bs, dt))))
     if config.perplexity:
         key = {"kind": "perplexity", "data": file_hash(config.perplexity), "limit": config.limit,
-               **settings}
+               **scoring}
         out.append(("perplexity", Path(config.perplexity).stem, _cached(use, fp, key, lambda: perplexity(
             model, tokenizer, config.perplexity, batch_size=bs, dtype=dt, limit=config.limit))))
+    if config.task:
+        key = {"kind": "task", "data": file_hash(config.task), "limit": config.limit,
+               "fewshot": [config.num_fewshot, config.fewshot_file and file_hash(config.fewshot_file)],
+               "max_new_tokens": config.max_new_tokens, "prompt": dataclasses.asdict(prompt),
+               "dtype": config.decode_dtype, "device": device.type}
+
+        def decode() -> dict:
+            model.to(weight_dtype(config.decode_dtype, device, inference=True))
+            return task_accuracy(model, tokenizer, config.task, config.limit,
+                                 config.max_new_tokens, config.num_fewshot, config.fewshot_file,
+                                 prompt, bs, config.decode_dtype)
+        out.insert(0, ("task", Path(config.task).stem, _cached(use, fp, key, decode)))
     return out
 
 
+def kl_reference(config: EvalConfig, base_fp: str) -> list[float] | None:
+    """The base's log-probs of the KL samples in `score_dtype`, when the stored `logp_base` were
+    computed in another precision (None: the stored ones are used as they are)."""
+    if not config.kl_samples or logp_dtype(read_manifest(config.kl_samples)) == config.score_dtype:
+        return None
+    key = {"kind": "kl_reference", "samples": file_hash(samples_file(config.kl_samples)),
+           "dtype": config.score_dtype}
+
+    def compute() -> dict:
+        base = load_model(config.base, config.device, config.score_dtype, inference=True)
+        return {"logps": score_samples(base, config.kl_samples, None, config.batch_size,
+                                       config.score_dtype, desc="base log-probs")}
+    return _cached(config.cache, base_fp, key, compute)["logps"]
+
+
+@output_locked
 def evaluate(config: EvalConfig) -> dict:
     """Score the base and every model, print the comparison table, write `out/eval.json` and
     `out/eval.md`; returns the eval.json content."""
     specs = list(dict.fromkeys([config.base, *config.model]))
+    for name in config.bench:  # a mistyped benchmark fails before any model is loaded
+        benchmarks.resolve(name, config.data_dir)
     base_tokenizer = load_tokenizer(config.base)
     tokenizers = {config.base: base_tokenizer}
     for spec in specs[1:]:  # fail fast, before any scoring
         tokenizers[spec] = load_tokenizer(spec)
         check_vocab(spec, tokenizers[spec], config.base, base_tokenizer)
     fps = {spec: fingerprint(spec) for spec in specs}
+    reference = kl_reference(config, fps[config.base])
     results = {}
     for spec in specs:
         print(f"cftune eval: {spec}")
         results[spec] = _evaluate_model(config, spec, fps[spec], tokenizers[spec],
-                                        fps[config.base], base_tokenizer)
+                                        fps[config.base], base_tokenizer, reference)
     entries = build_entries(results, config.base)
     models = [{"spec": s, "fingerprint": fps[s], "role": "base" if s == config.base else "model"}
               for s in specs]

@@ -1,10 +1,10 @@
 """Generative task accuracy (batched greedy decoding, GSM8K answer extraction, exact match) and
 the reference solutions' NLL.
 
-Prompts follow lm-eval's gsm8k task ("Question: {question}\\nAnswer:", few-shot examples joined
-by a blank line, generation stopped at "Question:"), or the model's chat template with
-`prompt="chat"`. The answer is the number after "####", else after "the answer is", else the last
-number in the text; numbers are compared after removing commas, "$" and units.
+Prompts come from `cftune.prompts.prompt_ids`, the function training uses: lm-eval's gsm8k task
+("Question: {question}\\nAnswer:", few-shot examples joined by a blank line, generation stopped at
+"Question:") after the document start token, or the model's chat template with `prompt="chat"`. The answer is
+the number after "####", else after "the answer is", else the last number in the text; numbers are compared after removing commas, "$" and units.
 
 Greedy decoding is a small loop of our own rather than `model.generate`, which would apply the
 model's `generation_config` (repetition penalties, sampling defaults) unless every knob is reset.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -23,10 +24,11 @@ from cftune.errors import CftuneError
 from cftune.evaluate.kl import mean_interval
 from cftune.evaluate.multiple_choice import binomial_stderr
 from cftune.models import autocast
+from cftune.prompts import FORMATS, PromptSpec, prompt_ids, response_ids
 from cftune.samples import iter_jsonl
 from cftune.scoring import score_continuations
 
-PROMPTS = ("qa", "chat")
+PROMPTS = FORMATS
 STOP = ("Question:", "</s>", "<|im_end|>")
 _NUMBER = r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+"
 
@@ -75,16 +77,16 @@ def read_task(path: str | Path) -> list[dict]:
     return rows
 
 
-def build_prompt(tokenizer, question: str, shots: list[dict], prompt: str) -> str:
-    if prompt == "chat":
-        messages = []
-        for s in shots:
-            messages += [{"role": "user", "content": s["question"]},
-                         {"role": "assistant", "content": s["answer"]}]
-        messages.append({"role": "user", "content": question})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    parts = [f"Question: {s['question']}\nAnswer: {s['answer']}" for s in shots]
-    return "\n\n".join(parts + [f"Question: {question}\nAnswer:"])
+def as_spec(prompt: str | PromptSpec) -> PromptSpec:
+    """A prompt format name (qa, chat, plain, auto) or a full `PromptSpec`."""
+    return prompt if isinstance(prompt, PromptSpec) else PromptSpec(prompt)
+
+
+def encode_prompt(tokenizer, question: str, prompt: str | PromptSpec = "qa",
+                  shots: Sequence[dict] = ()) -> list[int]:
+    """Token ids of a task question (after few-shot `shots`), exactly as training poses it."""
+    return prompt_ids(tokenizer, question, as_spec(prompt),
+                      [(s["question"], s["answer"]) for s in shots])
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -95,18 +97,17 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256,
+def greedy_generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int = 256,
                     batch_size: int = 8, dtype: str = "fp32", stop: tuple[str, ...] = STOP,
                     desc: str | None = None) -> list[str]:
-    """Greedy continuations of `prompts` (text cut at the first stop string), batched and
-    left-padded, longest prompts first."""
+    """Greedy continuations of the prompt ids `encoded` (text cut at the first stop string),
+    batched and left-padded, longest prompts first."""
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    texts = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc or "generating", unit="item", disable=desc is None)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    texts = [""] * len(encoded)
+    bar = tqdm(total=len(encoded), desc=desc or "generating", unit="item", disable=desc is None)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in idx)
@@ -147,21 +148,8 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     return texts
 
 
-def prompt_needs_specials(tokenizer, prompt: str) -> bool:
-    """Add the tokenizer's special tokens unless a chat template already put the BOS in."""
-    bos = tokenizer.bos_token
-    return not (bos and prompt.startswith(bos))
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a rendered prompt: the same for generation and for scoring solutions."""
-    return tokenizer(prompt, add_special_tokens=prompt_needs_specials(tokenizer, prompt)).input_ids
-
-
-def _rows(task_file: str | Path, limit: int | None, prompt: str) -> list[dict]:
-    """The first `limit` rows of a task file, for prompt format `prompt` (checked)."""
-    if prompt not in PROMPTS:
-        raise CftuneError(f"task prompt '{prompt}' is not one of {', '.join(PROMPTS)}")
+def _rows(task_file: str | Path, limit: int | None) -> list[dict]:
+    """The first `limit` rows of a task file."""
     rows = read_task(task_file)
     if limit is not None and limit > len(rows):
         print(f"cftune eval: task: --limit {limit} is more than the {len(rows)} rows of "
@@ -170,7 +158,7 @@ def _rows(task_file: str | Path, limit: int | None, prompt: str) -> list[dict]:
 
 
 def answer_nll(model, tokenizer, task_file: str | Path, limit: int | None = None,
-               prompt: str = "qa", batch_size: int = 8, dtype: str = "fp32") -> dict:
+               prompt: str | PromptSpec = "qa", batch_size: int = 8, dtype: str = "fp32") -> dict:
     """Teacher-forced NLL of the reference solutions (first `limit` rows), nats per token.
 
     Why beside accuracy: a small model's exact-match score on a hard task sits near 0 and moves
@@ -179,12 +167,11 @@ def answer_nll(model, tokenizer, task_file: str | Path, limit: int | None = None
     `value` averages each problem's mean token NLL, so `stderr` is over problems;
     `token_weighted` is the plain loss over all solution tokens.
     """
-    rows = _rows(task_file, limit, prompt)
+    rows = _rows(task_file, limit)
+    spec = as_spec(prompt)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    requests = []
-    for r in rows:
-        ctx = encode_prompt(tokenizer, build_prompt(tokenizer, r["question"], [], prompt))
-        requests.append((ctx, tokenizer(r["answer"], add_special_tokens=False).input_ids + eos))
+    requests = [(encode_prompt(tokenizer, r["question"], spec),
+                 response_ids(tokenizer, r["answer"], spec) + eos) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scored = score_continuations(model, requests, batch_size, dtype, pad_id=pad,
                                  desc="task (answer NLL)")
@@ -195,21 +182,21 @@ def answer_nll(model, tokenizer, task_file: str | Path, limit: int | None = None
 
 def task_accuracy(model, tokenizer, task_file: str | Path, limit: int | None = None,
                   max_new_tokens: int = 256, num_fewshot: int = 0,
-                  fewshot_file: str | Path | None = None, prompt: str = "qa",
+                  fewshot_file: str | Path | None = None, prompt: str | PromptSpec = "qa",
                   batch_size: int = 8, dtype: str = "fp32", seed: int = 1234) -> dict:
     """Exact-match accuracy of greedy answers on a GSM8K-format file (first `limit` rows).
 
     Few-shot examples are a seeded draw of `num_fewshot` rows of `fewshot_file` (the same for
     every question, as in lm-eval). Returns acc, acc_stderr, n and the first few predictions.
     """
-    rows = _rows(task_file, limit, prompt)
+    rows = _rows(task_file, limit)
     shots: list[dict] = []
     if num_fewshot:
         if fewshot_file is None:
             raise CftuneError("--num-fewshot needs --fewshot-file (e.g. the task's train.jsonl)")
         pool = read_task(fewshot_file)
         shots = random.Random(seed).sample(pool, min(num_fewshot, len(pool)))
-    prompts = [build_prompt(tokenizer, r["question"], shots, prompt) for r in rows]
+    prompts = [encode_prompt(tokenizer, r["question"], prompt, shots) for r in rows]
     outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, dtype,
                               desc="task (greedy)")
     golds = [extract_answer(r["answer"]) for r in rows]
