@@ -202,7 +202,7 @@ def test_contextual_answers_are_posed_as_training_and_as_long_as_eval(tiny_model
     for stage in runner.stages:
         if stage.name == "data" or stage.name.startswith("generate contextual"):
             stage.work()
-    manifest = read_manifest(runner.contextual)
+    manifest = read_manifest(runner.contextual[0])
     assert manifest["sampling"]["max_new_tokens"] == 11
     assert manifest["task_prompt_format"] == "chat"
     cfg = runner.exp.train_config(runner.runs[0])
@@ -210,5 +210,38 @@ def test_contextual_answers_are_posed_as_training_and_as_long_as_eval(tiny_model
     row = json.loads(runner.train_file.read_text().splitlines()[0])
     ids, labels = data.task_example(row, tok, cfg.task_format(), "row")
     first = next(i for i, t in enumerate(labels) if t != -100)
-    record = next(r for r in iter_samples(runner.contextual) if r["id"] == 0)
+    record = next(r for r in iter_samples(runner.contextual[0]) if r["id"] == 0)
     assert record["prompt_ids"] == ids[:first]
+
+
+def test_seeds_replicate_runs_and_the_report_pairs_them(tiny_model, tmp_path, capsys):
+    """`seeds: [0, 1]` trains every run once per seed (other data order, other CF draw) on one
+    evaluation set; group rows average the seeds with a t interval; `eval.compare` pairs two
+    groups item by item; `cftune report` re-renders the same files from results.json."""
+    from cftune.evaluate.paired import t_quantile
+    from cftune.samples import read_manifest
+
+    ev = {"task_limit": 3, "max_new_tokens": 8, "batch_size": 4, "compare": [["full", "cfs"]]}
+    path = write_config(tmp_path, tiny_model, seeds=[0, 1], eval=ev, runs=[
+        {"name": "full", "method": "full"}, {"name": "cfs", "method": "cfs"}])
+    out = run(RunConfig(experiment=str(path), out=str(tmp_path / "e")))
+    rows = {r["run"]: r for r in json.loads((out / "results.json").read_text())}
+    assert {"full-s0", "full-s1", "cfs-s0", "cfs-s1", "full (2 seeds)", "cfs (2 seeds)"} <= set(rows)
+    pools = sorted((out / "cf").glob("cf-pool-s*"))
+    assert len(pools) == 2 and read_manifest(pools[0])["sampling"]["seed"] != \
+        read_manifest(pools[1])["sampling"]["seed"]
+    kls = [rows[f"full-s{s}"]["metrics"]["kl"]["value"] for s in (0, 1)]
+    assert kls[0] != kls[1]  # another data order trains another model
+    group = rows["full (2 seeds)"]["metrics"]["kl"]
+    mean, sd = sum(kls) / 2, abs(kls[0] - kls[1]) / 2 ** 0.5
+    assert group["value"] == pytest.approx(mean)
+    assert group["ci95"][1] - mean == pytest.approx(t_quantile(0.975, 1) * sd / 2 ** 0.5)
+    assert "paired/task_acc" in rows["full-s0"]["metrics"]
+    assert "paired/task_nll" in rows["full (2 seeds)"]["metrics"]
+    comparisons = json.loads((out / "comparisons.json").read_text())
+    assert comparisons[0]["ref"] == "full" and "paired/kl" in comparisons[0]["metrics"]
+    md = (out / "results.md").read_text()
+    assert "## Paired against the base" in md and "cfs vs full" in md
+    (out / "results.md").unlink()
+    assert cli_main(["report", str(out)]) == 0
+    assert (out / "results.md").read_text() == md

@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "compare models with their base: KL, zero-shot benchmarks, task accuracy"),
     "run": ("cftune.run", "RunConfig", "run",
             "one experiment config -> every stage, a results table and a trade-off plot"),
+    "report": ("cftune.report", "ReportConfig", "report",
+               "re-render an experiment's tables and plot from its stored results"),
 }
 
 
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         cls = getattr(importlib.import_module(module), cls_name)
         positional = getattr(cls, "POSITIONAL", None)  # e.g. `cftune run CONFIG`
         if positional:
-            p.add_argument(positional, help="experiment YAML file")
+            p.add_argument(positional, help=cls.__dataclass_fields__[positional].metadata["help"])
         else:
             p.add_argument("--config", help="YAML file of settings (flags given here override it)")
         add_arguments(p, cls, skip=(positional,))

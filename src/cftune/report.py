@@ -32,24 +32,32 @@ import io
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from cftune.config import field
 from cftune.samples import atomic_write_text
 
 BASE = "base"
 TASK, TASK_NLL, KL, BENCH = "task_acc", "task_nll", "kl", "bench_avg"
+INSTR_KL, INSTR_NLL, BENCH_PAIRED = "instr_kl", "instr_ref_nll", "bench_paired_avg"
 TASK_AXES = (TASK, TASK_NLL)  # what the plot's y axis may show
-METRIC_ORDER = (TASK, TASK_NLL, KL, "kl_per_token", BENCH)  # then bench/* and the rest, sorted
+FORGETTING_AXES = (KL, INSTR_KL, BENCH_PAIRED)  # a plot panel each, when measured
+METRIC_ORDER = (TASK, TASK_NLL, KL, "kl_per_token", INSTR_KL, INSTR_NLL, BENCH, BENCH_PAIRED)
 # Already measured against the base (0 for the base itself): a Δ column would repeat them.
-VERSUS_BASE = (KL, "kl_per_token", "kl_reference_residual", "stream_capped")
+VERSUS_BASE = (KL, "kl_per_token", "kl_reference_residual", "stream_capped", INSTR_KL,
+               BENCH_PAIRED)
+PAIRED_PREFIXES = ("paired/", "margin/")  # per-benchmark paired metrics: their own tables
 RESULTS_CSV, RESULTS_MD, TRADEOFF_PNG = "results.csv", "results.md", "tradeoff.png"
 MISSING = "–"
 AXIS_LABELS = {
     TASK: "Task accuracy",
     TASK_NLL: "Task: NLL of the reference solutions, nats per token",
-    KL: "Forgetting: KL(base‖model), nats per sample",
+    KL: "Forgetting: KL(base‖model) on CF samples, nats per sample",
+    INSTR_KL: "Forgetting: KL(base‖model) on instruction responses, nats per response",
     BENCH: "Benchmark average accuracy",
+    BENCH_PAIRED: "Forgetting: mean paired Δ accuracy vs base over benchmarks",
 }
 FIGSIZE_PER_PANEL, FIG_HEIGHT, DPI = 6.5, 5.0, 150  # inches, inches, pixels per inch
 
@@ -66,9 +74,11 @@ def base_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return next((r for r in rows if r.get("method") == BASE), None)
 
 
-def metric_names(rows: list[dict[str, Any]]) -> list[str]:
-    """Every metric in any row: the main ones first, then `bench/*`, then the rest, sorted."""
-    names = {n for r in rows for n in (r.get("metrics") or {})}
+def metric_names(rows: list[dict[str, Any]], paired: bool = False) -> list[str]:
+    """Every metric in any row: the main ones first, then `bench/*`, then the rest, sorted;
+    the per-benchmark paired metrics only with `paired` (they get tables of their own)."""
+    names = {n for r in rows for n in (r.get("metrics") or {})
+             if paired or not n.startswith(PAIRED_PREFIXES)}
     first = [n for n in METRIC_ORDER if n in names]
     bench = sorted(n for n in names if n.startswith("bench/"))
     return first + bench + sorted(names - set(first) - set(bench))
@@ -168,18 +178,71 @@ def print_table(rows: list[dict[str, Any]], file: TextIO | None = None) -> None:
           file=file or sys.stdout)
 
 
+def _fmt_interval(m: dict[str, Any] | None) -> str:
+    """`+0.012 [−0.004, +0.030]*`: the paired Δ, its 95% interval, * when it excludes 0."""
+    if m is None:
+        return MISSING
+    ci = m.get("ci95")
+    text = fmt_number(float(m["value"]), sign=True)
+    if ci:
+        text += f" [{fmt_number(ci[0], sign=True)}, {fmt_number(ci[1], sign=True)}]"
+    return text + ("*" if m.get("significant") else "")
+
+
+def paired_markdown(rows: list[dict[str, Any]], title: str = "Paired against the base") -> str:
+    """One table per yardstick measured item by item (task and each benchmark): Δ vs the
+    reference with its paired 95% interval (* = excludes 0), flips right→wrong / wrong→right,
+    the exact McNemar p, and the gold-margin change (benchmarks)."""
+    names = sorted({n.split("/", 1)[1] for r in rows for n in (r.get("metrics") or {})
+                    if n.startswith("paired/")})
+    if not names:
+        return ""
+    out = [f"## {title}\n"]
+    for name in names:
+        lines = []
+        for r in rows:
+            m = metric(r, f"paired/{name}")
+            if m is None:
+                continue
+            flips = m.get("flips")
+            margin = metric(r, f"margin/{name}")
+            p = m.get("mcnemar_p")
+            lines.append(f"| {r['run']} | {_fmt_interval(m)} | "
+                         f"{f'{flips[0]} / {flips[1]}' if flips else MISSING} | "
+                         f"{MISSING if p is None else f'{p:.3g}'} | {_fmt_interval(margin)} |")
+        if lines:
+            out += [f"**{name}**\n", "| run | Δ [95% CI] | flips r→w / w→r | McNemar p | "
+                    "margin Δ [95% CI] |", "|---|---:|---:|---:|---:|", *lines, ""]
+    return "\n".join(out) + "\n"
+
+
+def comparisons_markdown(comparisons: list[dict[str, Any]]) -> str:
+    """The `eval.compare` pairs: every yardstick's paired B − A."""
+    if not comparisons:
+        return ""
+    out = ["## Paired comparisons between runs\n"]
+    for c in comparisons:
+        row = {"run": f"{c['model']} − {c['ref']}", "metrics": c["metrics"]}
+        singles = [(n, c["metrics"][n]) for n in ("paired/kl", "paired/task_nll", BENCH_PAIRED)
+                   if n in c["metrics"]]
+        out.append(f"**{c['model']} vs {c['ref']}**: " + "; ".join(
+            f"{n.replace('paired/', 'Δ ')} {_fmt_interval(m)}" for n, m in singles) + "\n")
+        out.append(paired_markdown([row], title="").replace("## \n\n", ""))
+    return "\n".join(out)
+
+
 def to_csv(rows: list[dict[str, Any]]) -> str:
     """One line per run; per metric: value, stderr, ci95 bounds, n and Δ vs base (empty = none)."""
     rows = order_rows(rows)
-    names, base = metric_names(rows), base_row(rows)
-    fields = ["run", "method", "parent", "alpha", "steps", "tokens", "wall_time_s"]
+    names, base = metric_names(rows, paired=True), base_row(rows)
+    fields = ["run", "method", "group", "seed", "parent", "alpha", "steps", "tokens", "wall_time_s"]
     for n in names:
         fields += [n, f"{n}_stderr", f"{n}_ci95_lo", f"{n}_ci95_hi", f"{n}_n", f"{n}_delta"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        line: dict[str, Any] = {k: r.get(k) for k in fields[:7]}
+        line: dict[str, Any] = {k: r.get(k) for k in fields[:9]}
         for n in names:
             m = metric(r, n) or {}
             ci = m.get("ci95") or [None, None]
@@ -195,7 +258,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 def _point(row: dict[str, Any], x_name: str, y_name: str = TASK) -> tuple[float, float] | None:
     """(x, y) of a run in a panel, or None when it lacks a coordinate."""
     x, y = value(row, x_name), value(row, y_name)
-    if x is None and x_name == KL and row.get("method") == BASE:
+    if x is None and x_name in (KL, INSTR_KL, BENCH_PAIRED) and row.get("method") == BASE:
         x = 0.0
     return None if x is None or y is None else (x, y)
 
@@ -331,7 +394,7 @@ def _panel(ax: Any, rows: list[dict[str, Any]], x_name: str, y_name: str,
         drawn.append((p, xerr, yerr))
     ax.set_xlabel(AXIS_LABELS[x_name])
     ax.set_ylabel(AXIS_LABELS[y_name])
-    if x_name == BENCH:
+    if x_name in (BENCH, BENCH_PAIRED):
         ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(True, alpha=0.3)
     ax.margins(0.18)
@@ -341,7 +404,7 @@ def _panel(ax: Any, rows: list[dict[str, Any]], x_name: str, y_name: str,
         ax.set_ylim(max(bottom, -0.04), min(top, 1.04))
     # Less forgetting is lower KL (left) but higher benchmark accuracy (right); a better task
     # score is higher accuracy but lower NLL.
-    x, ha, arrow = (0.02, "left", "←") if x_name == KL else (0.98, "right", "→")
+    x, ha, arrow = (0.02, "left", "←") if x_name in (KL, INSTR_KL) else (0.98, "right", "→")
     up = "↑" if y_name == TASK else "↓"
     hint = ax.text(x, 0.98, f"better: {up} {arrow}", transform=ax.transAxes, ha=ha, va="top",
                    fontsize=8, color="0.45")
@@ -350,6 +413,12 @@ def _panel(ax: Any, rows: list[dict[str, Any]], x_name: str, y_name: str,
     renderer = ax.figure.canvas.get_renderer()
     obstacles = _obstacles(ax, drawn) + [a.get_window_extent(renderer) for a in [hint] + extra]
     _place_labels(ax, labels, obstacles, fontsize=8)
+
+
+def plotted_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """With seed replicates, their group rows (the mean over seeds) stand for them."""
+    grouped = {r["group"] for r in rows if r.get("seeds")}
+    return [r for r in rows if r.get("seeds") or r.get("group") not in grouped]
 
 
 def plot_tradeoff(rows: list[dict[str, Any]], path: str | os.PathLike,
@@ -367,8 +436,11 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | os.PathLike,
 
     if y_name not in TASK_AXES:
         raise ValueError(f"y_name must be one of {TASK_AXES} (got {y_name!r})")
-    rows = order_rows(rows)
-    panels = [KL] + ([BENCH] if any(value(r, BENCH) is not None for r in rows) else [])
+    rows = plotted_rows(order_rows(rows))
+    measured = [n for n in FORGETTING_AXES if any(value(r, n) is not None for r in rows)]
+    panels = measured + ([BENCH] if BENCH_PAIRED not in measured and
+                         any(value(r, BENCH) is not None for r in rows) else [])
+    panels = panels or [KL]
     fig = Figure(figsize=(FIGSIZE_PER_PANEL * len(panels), FIG_HEIGHT), dpi=DPI,
                  layout="constrained")
     FigureCanvasAgg(fig)
@@ -392,15 +464,52 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | os.PathLike,
 # ----------------------------------------------------------------------------- files
 
 def write_report(rows: list[dict[str, Any]], folder: str | os.PathLike,
-                 title: str = "Task gain vs forgetting", y_name: str = TASK) -> dict[str, Path]:
+                 title: str = "Task gain vs forgetting", y_name: str = TASK,
+                 comparisons: list[dict[str, Any]] = ()) -> dict[str, Path]:
     """Write `results.csv`, `results.md` and `tradeoff.png` into `folder`; returns their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"csv": folder / RESULTS_CSV, "md": folder / RESULTS_MD, "png": folder / TRADEOFF_PNG}
     atomic_write_text(paths["csv"], to_csv(rows))
     atomic_write_text(paths["md"], f"# {title}\n\n" + to_markdown(rows) + (
-        f"\nCells: value ± standard error; Δ = difference to the base model; {MISSING} = not "
-        "measured. `kl` is KL(base‖model) in nats per sample (lower = less forgetting); `task_nll` "
-        "is the NLL of the reference solutions in nats per token (lower = better).\n"))
+        f"\nCells: value ± standard error (over seeds for `NAME (n seeds)` rows, with t "
+        f"intervals in the CSV); Δ = difference to the base model; {MISSING} = not measured. "
+        "`kl` is KL(base‖model) in nats per sample (lower = less forgetting); `task_nll` is the "
+        "NLL of the reference solutions in nats per token (lower = better); `bench_paired_avg` "
+        "the mean paired Δ accuracy against the base over the benchmarks.\n\n")
+        + paired_markdown(rows) + comparisons_markdown(list(comparisons)))
     plot_tradeoff(rows, paths["png"], title=title, y_name=y_name)
     return paths
+
+
+@dataclass
+class ReportConfig:
+    """Settings of `cftune report RUN_DIR`: re-render an experiment's tables and plot from its
+    stored results (results.json, comparisons.json), recomputing nothing."""
+
+    folder: str = field("experiments/quickstart", "experiment folder holding results.json")
+    plot_y: str = field(TASK, "task metric on the plot's y axis: task_acc | task_nll")
+    title: str = field("Task gain vs forgetting", "title of the report and the plot")
+
+    POSITIONAL = "folder"
+
+
+def report(config: ReportConfig) -> Path:
+    """Re-render `results.md`, `results.csv` and `tradeoff.png` of an experiment folder."""
+    import json
+
+    from cftune.errors import CftuneError
+
+    folder = Path(config.folder)
+    if not (folder / "results.json").is_file():
+        raise CftuneError(f"{folder}: no results.json (run `cftune run CONFIG --out {folder}` "
+                          f"first)")
+    if config.plot_y not in TASK_AXES:
+        raise CftuneError(f"plot_y '{config.plot_y}' is not one of {', '.join(TASK_AXES)}")
+    rows = json.loads((folder / "results.json").read_text())
+    comparisons_file = folder / "comparisons.json"
+    comparisons = json.loads(comparisons_file.read_text()) if comparisons_file.is_file() else []
+    paths = write_report(rows, folder, config.title, config.plot_y, comparisons)
+    print_table(rows)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return folder

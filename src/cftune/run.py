@@ -44,7 +44,7 @@ from cftune.samples import atomic_write_json, read_json
 from cftune.train import TrainConfig, cf_draws
 
 WISE_FT = "wise-ft"
-EVAL_VERSION = 3  # part of every eval stage's key: bump when the metrics computed change
+EVAL_VERSION = 4  # part of every eval stage's key: bump when the metrics computed change
 CF_METHODS = ("cfs", "kd")  # methods that consume the CF training pool
 STREAM_METHODS = CF_METHODS + ("contextual", "replay")  # methods with a second data stream
 RUN_KEYS = ("name", "method", "of", "alphas", "sweep")
@@ -91,7 +91,8 @@ class ReplaySpec:
 class EvalSpec:
     """What every model is measured on."""
 
-    bench: list[str] = field([], "zero-shot benchmarks (registry names or JSONL files)")
+    bench: list[Any] = field([], "zero-shot benchmarks: registry names, NAME=PATH, or "
+                             "{name, path, template, metric} for a file of your own")
     limit: int = field(200, "items per benchmark (the first N)")
     task_limit: int = field(100, "task test rows scored by greedy exact match")
     max_new_tokens: int = field(96, "generated tokens per task answer")
@@ -101,6 +102,8 @@ class EvalSpec:
     decode_dtype: str = field("fp32", "precision of greedy task decoding (bf16: faster on CPUs "
                               "with AVX512-BF16, flips near-ties)")
     data_dir: str | None = field(None, "folder holding benchmark files (default: auto)")
+    compare: list[list[str]] = field([], "pairs [A, B] of runs (or run groups over seeds) "
+                                     "compared item by item: B − A with paired intervals")
     plot_y: str = field("task_acc", "task metric on the plot's y axis: task_acc | task_nll "
                         "(the reference solutions' NLL, for tasks where accuracy stays near 0)")
 
@@ -154,8 +157,8 @@ class Experiment:
 
     def __init__(self, path: Path, out: Path | None = None):
         raw = load_yaml(path)
-        allowed = {"name", "model", "task", "cf", "train", "eval", "runs", "seed", "replay",
-                   "contextual"}
+        allowed = {"name", "model", "task", "cf", "train", "eval", "runs", "seed", "seeds",
+                   "replay", "contextual"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise CftuneError(f"{path}: unknown key(s) {', '.join(unknown)}"
@@ -166,6 +169,7 @@ class Experiment:
         self.out = out or Path("experiments") / self.name
         self.model = str(raw.get("model", DEFAULT_MODEL))
         self.seed = int(raw.get("seed", 0))
+        self.seeds = self._seeds(raw.get("seeds", [self.seed]))
         self.task = from_dict(TaskSpec, raw.get("task") or {}, f"{path}: task")
         for split in ("train", "test"):
             spec = getattr(self.task, split)
@@ -190,6 +194,17 @@ class Experiment:
         self._check_benchmarks()
 
     # ------------------------------------------------------------------ validation
+
+    def _seeds(self, value: Any) -> list[int]:
+        """`seeds: [0, 1, 2]` replicates every run (task order, CF draw, LoRA init) on the same
+        evaluation sets; the default is the single `seed`."""
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise CftuneError(f"{self.path}: `seeds` must be a non-empty list of integers "
+                              f"(got {value!r})")
+        if len(set(value)) != len(value):
+            raise CftuneError(f"{self.path}: `seeds` repeats a seed ({value})")
+        return list(value)
 
     def _check_train_keys(self, values: dict[str, Any], where: str) -> None:
         known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -231,6 +246,7 @@ class Experiment:
                     extra = {} if key is None else {key: v}
                     out.append({"name": name, "method": run["method"],
                                 "settings": {**self.train_defaults, **settings, **extra}})
+        out = self._replicate(out)
         names = [r["name"] for r in out]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -243,6 +259,20 @@ class Experiment:
                                       f"'{r['of']}' (of: must name a training run)")
             else:  # fail now, not after an hour of training, on bad values
                 self.train_config(r)
+        return out
+
+    def _replicate(self, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One copy of each run per seed: named `NAME-sSEED` when there are several seeds, with
+        `group` = NAME (what the report averages over) and `seed`; a Wise-FT run merges the
+        copy of its parent with the same seed."""
+        out = []
+        for s in self.seeds:
+            tag = f"-s{s}" if len(self.seeds) > 1 else ""
+            for r in runs:
+                copy = {**r, "name": r["name"] + tag, "group": r["name"], "seed": s}
+                if r["method"] == WISE_FT:
+                    copy["of"] = r["of"] + tag
+                out.append(copy)
         return out
 
     def _check_equal_task_batches(self) -> None:
@@ -265,6 +295,12 @@ class Experiment:
 
         for name in self.eval.bench:
             benchmarks.resolve(name, self.eval.data_dir)
+        groups = {r["name"] for r in self.runs} | {r["group"] for r in self.runs} | {"base"}
+        for pair in self.eval.compare:
+            unknown = [n for n in pair if n not in groups]
+            if len(pair) != 2 or unknown:
+                raise CftuneError(f"{self.path}: eval.compare entry {pair}: give two run names "
+                                  f"(or run groups) of {', '.join(sorted(groups))}")
 
     # ------------------------------------------------------------------ stage settings
 
@@ -274,7 +310,7 @@ class Experiment:
         is the run's second data stream: CF pool, contextual samples or replay corpus."""
         settings = {"model": self.model, "task": str(task_file), "out": "unused",
                     "prompt_field": self.task.prompt_field,
-                    "response_field": self.task.response_field, "seed": self.seed,
+                    "response_field": self.task.response_field, "seed": run["seed"],
                     "prompt_format": self.task.prompt, "doc_start": self.task.doc_start,
                     "method": run["method"], **run["settings"]}
         if settings["method"] == "replay":
@@ -326,24 +362,28 @@ class Runner:
         self._add("data", data_dir, self._write_data, lambda: self.test_file.is_file())
 
         trained = [r for r in self.runs if r["method"] != WISE_FT]
-        need = max([exp.cf_consumed(r) for r in trained if r["method"] in CF_METHODS] or [0])
         kd = any(r["method"] == "kd" for r in trained)
         cf_settings = {**dataclasses.asdict(exp.cf), "topk_logprobs":
                        max(exp.cf.topk_logprobs, 20 if kd else 0)}
-        self.pool = None
-        if need:
-            self.pool = self._generate_stage("cf-pool", cf_settings, need, exp.cf.seed)
-        contextual = max([exp.cf_consumed(r) for r in trained if r["method"] == "contextual"]
-                         or [0])
-        self.contextual = None
-        if contextual:  # the base's own answers to the training prompts, posed as in training
-            self.contextual = self._generate_stage(
-                "contextual", {**cf_settings, "task_prompts": str(self.train_file),
-                               "prompt_field": exp.task.prompt_field,
-                               "prompt_format": exp.task.prompt, "doc_start": exp.task.doc_start,
-                               "max_new_tokens": exp.contextual.max_new_tokens
-                               or exp.eval.max_new_tokens, "topk_logprobs": 0},
-                contextual, exp.cf.seed)
+        contextual_settings = {
+            **cf_settings, "task_prompts": str(self.train_file), "topk_logprobs": 0,
+            "prompt_field": exp.task.prompt_field, "prompt_format": exp.task.prompt,
+            "doc_start": exp.task.doc_start,
+            "max_new_tokens": exp.contextual.max_new_tokens or exp.eval.max_new_tokens}
+        # Fresh samples per seed: the CF draw is part of what a seed replicates. Seed `seed`
+        # draws from the pool seed `cf.seed` (so a one-seed config keeps its folders).
+        self.pool: dict[int, Path] = {}
+        self.contextual: dict[int, Path] = {}
+        for s in dict.fromkeys(r["seed"] for r in trained):
+            mine = [r for r in trained if r["seed"] == s]
+            cf_seed, tag = exp.cf.seed + s - exp.seed, f"-s{s}" if len(exp.seeds) > 1 else ""
+            need = max([exp.cf_consumed(r) for r in mine if r["method"] in CF_METHODS] or [0])
+            if need:
+                self.pool[s] = self._generate_stage(f"cf-pool{tag}", cf_settings, need, cf_seed)
+            need = max([exp.cf_consumed(r) for r in mine if r["method"] == "contextual"] or [0])
+            if need:  # the base's own answers to the training prompts, posed as in training
+                self.contextual[s] = self._generate_stage(f"contextual{tag}", contextual_settings,
+                                                          need, cf_seed)
         self.replay_file = None
         if any(r["method"] == "replay" for r in trained):
             if not exp.replay.file:
@@ -366,15 +406,17 @@ class Runner:
                 self._add(f"merge {r['name']}", folder, self._merge_work(parent, folder, r["alpha"]),
                           lambda f=folder: (f / "config.json").is_file())
             else:
-                stream = {"replay": self.replay_file, "contextual": self.contextual}.get(
-                    r["method"], self.pool)
+                stream = {"replay": self.replay_file,
+                          "contextual": self.contextual.get(r["seed"])}.get(
+                    r["method"], self.pool.get(r["seed"]))
                 settings = exp.train_settings(r, self.train_file, stream)
                 folder = self.out / "runs" / f"{r['name']}-{_key(settings, self.base_fp)}"
                 examples = (settings.get("max_steps") or 1) * (settings.get("batch_size") or 1)
                 self._add(f"train {r['name']}", folder, self._train_work(settings, folder),
                           lambda f=folder: (f / "manifest.json").is_file(), cost=examples)
             self.models[r["name"]] = folder
-        measured = {k: v for k, v in dataclasses.asdict(exp.eval).items() if k != "plot_y"}
+        measured = {k: v for k, v in dataclasses.asdict(exp.eval).items()
+                    if k not in ("plot_y", "compare")}  # report settings, not measurements
         # The held-out folder is extended in place when `cf.heldout` grows: the count is part of
         # the key (sample i is fixed), so a changed count re-scores every model on the new set.
         eval_key = _key(measured, str(self.heldout), exp.cf_heldout, str(self.test_file),
@@ -465,7 +507,8 @@ class Runner:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, dry_run: bool = False) -> list[dict[str, Any]] | None:
+    def run(self, dry_run: bool = False
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
         todo = [s for s in self.stages if not s.done()]
         for i, s in enumerate(self.stages, 1):
             state = "cached" if s not in todo else "to do"
@@ -502,30 +545,67 @@ class Runner:
                                                   desc=f"base log-probs in {dtype}"))
         return read_json(path)
 
-    def results(self) -> list[dict[str, Any]]:
-        rows = []
+    def results(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(rows, comparisons): a row per evaluated model with its metrics and its paired
+        metrics against the base; with several seeds, a row per run group (`NAME (n seeds)`)
+        averaging the seeds; and the paired comparisons `eval.compare` asks for."""
+        from cftune.compare import paired_metrics, seed_metrics
+
+        results, rows = {}, []
         for name, model in self.models.items():
             folder = next(s.folder for s in self.stages if s.name == f"eval {name}")
-            result = read_json(folder / "result.json")
+            results[name] = read_json(folder / "result.json")
             run = next((r for r in self.runs if r["name"] == name), None)
             row = {"run": name, "method": "base" if run is None else
                    (run["method"] if run["method"] == WISE_FT else
                     run["settings"].get("method", run["method"])),
+                   "group": run["group"] if run else "base", "seed": run["seed"] if run else None,
                    "parent": run.get("of") if run else None,
                    "alpha": run.get("alpha") if run else None,
-                   "metrics": result["metrics"], "steps": None, "tokens": None,
+                   "metrics": dict(results[name]["metrics"]), "steps": None, "tokens": None,
                    "wall_time_s": None, "stream_capped": None}
             if run is not None and run["method"] != WISE_FT:
                 row.update(_training_facts(Path(model)))
                 if row["stream_capped"] is not None and row["method"] == "contextual":
-                    row["metrics"] = {**row["metrics"], "stream_capped": {
-                        "value": row["stream_capped"], "stderr": None, "ci95": None, "n": None}}
+                    row["metrics"]["stream_capped"] = {
+                        "value": row["stream_capped"], "stderr": None, "ci95": None, "n": None}
+            if run is not None:
+                row["metrics"].update(paired_metrics([results["base"]], [results[name]]))
             rows.append(row)
         sets = {r["metrics"]["kl"].get("samples_digest") for r in rows}
         if len(sets) > 1:
             raise CftuneError(f"{self.out}: the evaluations scored the KL on different held-out "
                               f"sample sets ({len(sets)}); rerun `cftune run` to re-evaluate")
-        return rows
+        groups = _groups(rows)
+        if len(self.exp.seeds) > 1:
+            for group, members in groups.items():
+                if group == "base":
+                    continue
+                first = members[0]
+                rows.append({**{k: first.get(k) for k in ("method", "alpha")},
+                             "run": f"{group} ({len(members)} seeds)", "group": group,
+                             "seeds": [m["seed"] for m in members],
+                             "parent": first["parent"] and first["parent"].rsplit("-s", 1)[0],
+                             "metrics": {**seed_metrics([m["metrics"] for m in members]),
+                                         **paired_metrics([results["base"]],
+                                                          [results[m["run"]] for m in members])},
+                             "steps": first.get("steps"), "tokens": None, "wall_time_s": None})
+        comparisons = []
+        for a, b in self.exp.eval.compare:
+            ref, model = ([results[m["run"]] for m in groups[g]] for g in (a, b))
+            comparisons.append({"ref": a, "model": b,
+                                "metrics": paired_metrics(ref, model, with_kl=True)})
+        return rows, comparisons
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows by run group (a run's copies over seeds; a run name is its own group too)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r["group"], []).append(r)
+        if r["run"] != r["group"]:
+            out.setdefault(r["run"], []).append(r)
+    return out
 
 
 def _kind(stage: Stage) -> str:
@@ -580,9 +660,9 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
     tokenizer = load_tokenizer(model_spec)
     model = load_model(model_spec, "auto", e.score_dtype, inference=True)
     metrics: dict[str, Any] = {}
-    metrics["task_nll"] = _metric(answer_nll(model, tokenizer, test_file, limit=e.task_limit,
-                                             prompt=spec, batch_size=e.batch_size,
-                                             dtype=e.score_dtype), "value")
+    nll = answer_nll(model, tokenizer, test_file, limit=e.task_limit, prompt=spec,
+                     batch_size=e.batch_size, dtype=e.score_dtype)
+    metrics["task_nll"] = _metric(nll, "value")
     kl = kl_to_base(model, heldout, batch_size=e.batch_size, dtype=e.score_dtype,
                     limit=exp.cf_heldout, base_fingerprint=base_fp, tokenizer=tokenizer,
                     reference=reference)
@@ -591,11 +671,14 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
         metrics["kl_reference_residual"] = _metric(kl["reference_residual"], "value")
     metrics["kl_per_token"] = _metric(kl, "per_token")
     primaries = []
+    items: dict[str, Any] = {"kl": kl["per_sample"]}
     for bench in e.bench:
         res = run_benchmark(model, tokenizer, bench, limit=e.limit, batch_size=e.batch_size,
                             dtype=e.score_dtype, data_dir=e.data_dir)
-        metrics[f"bench/{bench}"] = {**_metric(res, res["primary"]), "metric": res["primary"]}
-        primaries.append(metrics[f"bench/{bench}"])
+        name = f"bench/{res['benchmark']}"
+        metrics[name] = {**_metric(res, res["primary"]), "metric": res["primary"]}
+        items[name] = {"primary": res["primary"], "records": res["items"]}
+        primaries.append(metrics[name])
     if primaries:
         se = math.sqrt(sum((m["stderr"] or 0) ** 2 for m in primaries)) / len(primaries)
         mean = sum(m["value"] for m in primaries) / len(primaries)
@@ -608,7 +691,8 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                         dtype=e.decode_dtype, prompt=spec)
     metrics = {"task_acc": _metric(acc, "acc"), **metrics}
-    return {"model": str(model_spec), "name": name, "metrics": metrics}
+    items.update(task_acc=acc["correct"], task_nll=nll["per_problem"])
+    return {"model": str(model_spec), "name": name, "metrics": metrics, "items": items}
 
 
 def _metric(result: dict[str, Any], key: str) -> dict[str, Any]:
@@ -632,11 +716,14 @@ def run(config: RunConfig) -> Path | None:
     exp = Experiment(path, Path(config.out) if config.out else None)
     runner = Runner(exp, config.only)
     with contextlib.nullcontext() if config.dry_run else output_lock(runner.out):
-        rows = runner.run(dry_run=config.dry_run)
-        if rows is None:
+        done = runner.run(dry_run=config.dry_run)
+        if done is None:
             return None
-        write_report(rows, runner.out, y_name=exp.eval.plot_y)
+        rows, comparisons = done
+        write_report(rows, runner.out, y_name=exp.eval.plot_y, comparisons=comparisons)
         atomic_write_json(runner.out / "results.json", rows)
+        atomic_write_json(runner.out / "comparisons.json", comparisons)
     print_table(rows)
-    print(f"wrote {runner.out}/results.csv, results.md, results.json, tradeoff.png")
+    print(f"wrote {runner.out}/results.csv, results.md, results.json, comparisons.json, "
+          f"tradeoff.png (`cftune report {runner.out}` re-renders them)")
     return runner.out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -27,6 +28,23 @@ SAMPLES_PARQUET = "samples.parquet"
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 EXPORTS = ("trl", "axolotl", "text")
+_FAULT_SEEN: dict[str, int] = {}
+
+
+def fault_point(event: str) -> None:
+    """Fault injection for tests/test_kill.py; does nothing unless `CFTUNE_FAULT` is set.
+
+    `CFTUNE_FAULT=<event>:<n>` kills this process with SIGKILL (no cleanup, as `kill -9`) the n-th
+    time it reaches `event`. Events: `write:<file name>` (an atomic write, its temporary file
+    written, not yet renamed), `append:<file name>` (a JSONL append, half the line written),
+    `checkpoint` (a Trainer checkpoint, weights saved, optimizer and state not yet).
+    """
+    spec = os.environ.get("CFTUNE_FAULT")
+    if not spec or spec.rpartition(":")[0] != event:
+        return
+    _FAULT_SEEN[event] = _FAULT_SEEN.get(event, 0) + 1
+    if _FAULT_SEEN[event] == int(spec.rpartition(":")[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -39,6 +57,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        fault_point(f"write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -82,7 +101,13 @@ class JsonlAppender:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+        if os.environ.get("CFTUNE_FAULT"):  # tests/test_kill.py: die with half the line written
+            self._f.write(line[:len(line) // 2])
+            self._f.flush()
+            fault_point(f"append:{self.path.name}")
+            line = line[len(line) // 2:]
+        self._f.write(line)
         self._f.flush()
 
     def close(self) -> None:

@@ -38,7 +38,7 @@ from cftune.errors import CftuneError, did_you_mean
 from cftune.locking import output_locked
 from cftune.models import DEFAULT_MODEL, DTYPES, load_model, load_tokenizer, resolve_device
 from cftune.prompts import known_doc_start
-from cftune.samples import MANIFEST, atomic_write_json, atomic_write_text, read_json
+from cftune.samples import MANIFEST, atomic_write_json, atomic_write_text, fault_point, read_json
 
 LOG = "training_log.jsonl"
 CONFIG = "train_config.json"
@@ -301,6 +301,11 @@ def trainer_class() -> type:
             m["cf_n"] += int(cf_n)
             m["tokens"] += int(inputs["attention_mask"].sum())
             return (loss, outputs) if return_outputs else loss
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            super().save_model(output_dir, _internal_call)
+            if _internal_call:  # a checkpoint: weights written, optimizer and state not yet
+                fault_point("checkpoint")
 
         # -- logging and evaluation ----------------------------------------------------------
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -26,6 +26,8 @@ def rows_of(kind: str, name: str, result: dict) -> list[tuple[str, float, float 
         return [(f"{name}/acc", result["acc"], result["acc_stderr"], True)]
     if kind == "task_nll":
         return [(f"{name}/answer_nll", result["value"], result["stderr"], False)]
+    if kind in ("instr_kl", "instr_ref_nll"):  # instructions.instruction_kl / reference_nll
+        return [(kind, result["value"], result["stderr"], False)]
     if kind == "perplexity":
         return [(f"{name}/perplexity", result["perplexity"], None, False),
                 (f"{name}/bits_per_byte", result["bits_per_byte"], None, False)]

@@ -19,6 +19,15 @@ from pathlib import Path
 from cftune.config import field, to_dict
 from cftune.errors import CftuneError
 from cftune.evaluate import benchmarks
+from cftune.evaluate.instructions import (
+    PROMPTS_FILE,
+    RESPONSES,
+    compare_per_prompt,
+    draw_responses,
+    instruction_kl,
+    instruction_spec,
+    reference_nll,
+)
 from cftune.evaluate.kl import kl_to_base, logp_dtype, score_samples
 from cftune.evaluate.multiple_choice import run_benchmark
 from cftune.evaluate.perplexity import perplexity
@@ -50,7 +59,16 @@ class EvalConfig:
     bench: list[str] = field([], "benchmarks: registry names (arc_easy, piqa, …) or .jsonl files")
     task: str | None = field(None, "GSM8K-format task test file for greedy exact-match accuracy")
     perplexity: str | None = field(None, "text file (.txt, or .jsonl with `text`) for perplexity")
-    limit: int | None = field(None, "items per benchmark / task rows / perplexity docs (a fixed subset)")
+    instructions: str | None = field(
+        None, "held-out instructions (JSONL with prompt/reference fields, or the self-instruct "
+        "seed format) for instr_kl and instr_ref_nll")
+    instruction_samples: int = field(2, "base responses (T=1) drawn per instruction for instr_kl")
+    instruction_max_new_tokens: int = field(128, "maximum tokens per base response (instr_kl)")
+    instruction_prompt_field: str = field("prompt", "field of --instructions holding the prompt")
+    instruction_reference_field: str = field(
+        "reference", "field of --instructions holding the human reference response (optional)")
+    limit: int | None = field(None, "items per benchmark / task rows / perplexity docs / "
+                              "instructions (a fixed subset)")
     seed: int = field(0, "subset for --limit: 0 = the first N items, else a seeded draw of N")
     num_fewshot: int = field(0, "few-shot examples before each task question")
     fewshot_file: str | None = field(None, "GSM8K-format file the few-shot examples come from")
@@ -74,9 +92,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not (self.kl_samples or self.bench or self.task or self.perplexity):
-            problems.append("nothing to evaluate: give --kl-samples, --bench, --task or --perplexity")
-        for name in ("limit", "batch_size", "max_new_tokens"):
+        if not (self.kl_samples or self.bench or self.task or self.perplexity or self.instructions):
+            problems.append("nothing to evaluate: give --kl-samples, --bench, --task, "
+                            "--perplexity or --instructions")
+        for name in ("limit", "batch_size", "max_new_tokens", "instruction_samples",
+                     "instruction_max_new_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"{name} must be > 0 (got {value})")
@@ -127,7 +147,8 @@ def check_vocab(spec: str, tokenizer, base: str, base_tokenizer) -> None:
 
 
 def _evaluate_model(config: EvalConfig, spec: str, fp: str, tokenizer, base_fp: str,
-                    base_tokenizer, reference: list[float] | None) -> list[tuple[str, str, dict]]:
+                    base_tokenizer, reference: list[float] | None,
+                    instr: Path | None = None) -> list[tuple[str, str, dict]]:
     """(kind, name, result) for every requested metric of one model (freed on return).
 
     Log-likelihood metrics first, in `score_dtype`; greedy decoding last, in `decode_dtype`
@@ -156,6 +177,15 @@ def _evaluate_model(config: EvalConfig, spec: str, fp: str, tokenizer, base_fp: 
                "prompt": dataclasses.asdict(prompt), **scoring}
         out.append(("task_nll", Path(config.task).stem, _cached(use, fp, key, lambda: answer_nll(
             model, tokenizer, config.task, config.limit, prompt, bs, dt))))
+    if instr is not None:  # a `draw_responses` folder of the base
+        key = {"kind": "instr_kl", "samples": file_hash(samples_file(instr / RESPONSES)), **scoring}
+        out.append(("instr_kl", "instr_kl", _cached(use, fp, key, lambda: instruction_kl(
+            model, instr, bs, dt, base_fp, base_tokenizer))))
+        posed = instruction_spec(base_tokenizer, config.doc_start)  # as the base's responses
+        key = {"kind": "instr_ref_nll", "data": file_hash(instr / PROMPTS_FILE),
+               "prompt": dataclasses.asdict(posed), **scoring}
+        out.append(("instr_ref_nll", "instr_ref_nll", _cached(use, fp, key, lambda: reference_nll(
+            model, tokenizer, instr / PROMPTS_FILE, posed, bs, dt))))
     if config.perplexity:
         key = {"kind": "perplexity", "data": file_hash(config.perplexity), "limit": config.limit,
                **scoring}
@@ -174,6 +204,34 @@ def _evaluate_model(config: EvalConfig, spec: str, fp: str, tokenizer, base_fp: 
                                  prompt, bs, config.decode_dtype)
         out.insert(0, ("task", Path(config.task).stem, _cached(use, fp, key, decode)))
     return out
+
+
+def instruction_responses(config: EvalConfig, base_fp: str) -> Path | None:
+    """The base's responses to `--instructions`, drawn once into the cache (None: not asked)."""
+    if not config.instructions:
+        return None
+    return draw_responses(config.base, config.instructions, config.instruction_samples,
+                          config.instruction_max_new_tokens, limit=config.limit,
+                          prompt_field=config.instruction_prompt_field,
+                          reference_field=config.instruction_reference_field,
+                          batch_size=config.batch_size, dtype=config.score_dtype,
+                          device=config.device, doc_start=config.doc_start,
+                          base_fingerprint=base_fp)
+
+
+def _pair_instructions(results: dict[str, list[tuple[str, str, dict]]], base: str) -> list[str]:
+    """Add `paired_vs_base` (per-prompt paired Δ, SE, t interval) to each model's instruction
+    results; return one printable line per model and metric."""
+    base_results = {kind: r for kind, _, r in results[base] if kind.startswith("instr_")}
+    lines = []
+    for spec, rows in results.items():
+        for kind, _, r in rows if spec != base else ():
+            if kind in base_results:
+                p = r["paired_vs_base"] = compare_per_prompt(base_results[kind], r)
+                ci = "[{:+.4f}, {:+.4f}]".format(*p["ci95"]) if p["ci95"] else "[n/a]"
+                lines.append(f"  {kind} {Path(spec).name or spec}: paired Δ vs base "
+                             f"{p['delta']:+.4f} ± {p['stderr']:.4f} (95% {ci}, {p['n']} prompts)")
+    return lines
 
 
 def kl_reference(config: EvalConfig, base_fp: str) -> list[float] | None:
@@ -205,16 +263,20 @@ def evaluate(config: EvalConfig) -> dict:
         check_vocab(spec, tokenizers[spec], config.base, base_tokenizer)
     fps = {spec: fingerprint(spec) for spec in specs}
     reference = kl_reference(config, fps[config.base])
+    instr = instruction_responses(config, fps[config.base])
     results = {}
     for spec in specs:
         print(f"cftune eval: {spec}")
         results[spec] = _evaluate_model(config, spec, fps[spec], tokenizers[spec],
-                                        fps[config.base], base_tokenizer, reference)
+                                        fps[config.base], base_tokenizer, reference, instr)
+    paired = _pair_instructions(results, config.base) if instr is not None else []
     entries = build_entries(results, config.base)
     models = [{"spec": s, "fingerprint": fps[s], "role": "base" if s == config.base else "model"}
               for s in specs]
     raw = {s: [{"kind": k, "name": n, **r} for k, n, r in rs] for s, rs in results.items()}
     text = write(Path(config.out), entries, models, config.base, to_dict(config), raw)
     print(text)
+    if paired:
+        print("Instruction yardsticks, paired per prompt (B − base):\n" + "\n".join(paired))
     print(f"cftune eval: wrote {Path(config.out) / 'eval.json'} and {Path(config.out) / 'eval.md'}")
     return json.loads((Path(config.out) / "eval.json").read_text())

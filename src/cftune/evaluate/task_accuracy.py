@@ -176,7 +176,8 @@ def answer_nll(model, tokenizer, task_file: str | Path, limit: int | None = None
     scored = score_continuations(model, requests, batch_size, dtype, pad_id=pad,
                                  desc="task (answer NLL)")
     tokens = sum(len(s.token_logprobs) for s in scored)
-    return {**mean_interval([-float(s.token_logprobs.mean()) for s in scored]),
+    per_problem = [-float(s.token_logprobs.mean()) for s in scored]
+    return {**mean_interval(per_problem), "per_problem": per_problem,
             "token_weighted": -sum(s.logprob for s in scored) / tokens, "tokens": tokens}
 
 
@@ -187,7 +188,8 @@ def task_accuracy(model, tokenizer, task_file: str | Path, limit: int | None = N
     """Exact-match accuracy of greedy answers on a GSM8K-format file (first `limit` rows).
 
     Few-shot examples are a seeded draw of `num_fewshot` rows of `fewshot_file` (the same for
-    every question, as in lm-eval). Returns acc, acc_stderr, n and the first few predictions.
+    every question, as in lm-eval). Returns acc, acc_stderr, n, the first few predictions and
+    `correct` (per problem, for paired comparisons).
     """
     rows = _rows(task_file, limit)
     shots: list[dict] = []
@@ -206,4 +208,4 @@ def task_accuracy(model, tokenizer, task_file: str | Path, limit: int | None = N
     examples = [{"question": r["question"][:200], "output": o[:400], "pred": p, "gold": g}
                 for r, o, p, g in list(zip(rows, outputs, preds, golds))[:3]]
     return {"acc": acc, "acc_stderr": binomial_stderr(acc, len(rows)), "n": len(rows),
-            "examples": examples}
+            "examples": examples, "correct": correct}  # per problem, for paired comparisons

@@ -1,0 +1,128 @@
+"""Paired comparisons of evaluated models, and averages over seeds (issue 10).
+
+Two models scored on the same items differ item by item; what both find hard cancels out of the
+per-item differences, so a paired interval resolves effects an unpaired one cannot. An evaluation
+result (`cftune run`'s `result.json`) keeps, next to its `metrics`, the per-item outcomes of every
+yardstick under `items`:
+
+    {"task_acc": [bool per problem], "task_nll": [NLL per problem],
+     "kl": [log p_base − log p_model per held-out sample],
+     "bench/<name>": {"primary": "acc" | "acc_norm", "records": [run_benchmark item records]}}
+
+`paired_metrics(ref, model)` turns two such results into report metrics of `model` against `ref`
+(the base, or another run), each in the report's `{value, stderr, ci95, n}` shape plus what
+explains it (flips, McNemar p, significance):
+
+- `paired/<bench>`, `paired/task_acc`: Δ accuracy (model − ref) with Newcombe's paired interval,
+  flips right→wrong / wrong→right and the exact McNemar p;
+- `margin/<bench>`: mean change of the gold choice's margin over the best wrong choice;
+- `paired/task_nll`, `paired/kl`: paired mean differences (t interval);
+- `bench_paired_avg`: the mean Δ over benchmarks (the forgetting axis of the plot).
+
+A model replicated over seeds is a list of results: each item's outcome is averaged over seeds
+first, then compared (`paired.paired_over_seeds`), since per-seed comparisons share the items
+and the base and are not independent. `seed_metrics` averages scalar metrics over seeds with a
+t interval on seeds − 1 degrees of freedom.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from cftune.evaluate import paired
+
+BENCH_PREFIX = "bench/"
+PAIRED_PREFIXES = ("paired/", "margin/")  # metrics measured against another model
+
+
+def _metric(stats: dict, value_key: str = "delta", **extra: Any) -> dict[str, Any]:
+    return {"value": stats[value_key], "stderr": stats.get("stderr"), "ci95": stats.get("ci95"),
+            "n": stats.get("n"), "significant": stats.get("significant"), **extra}
+
+
+def _mean_over_seeds(lists: Sequence[Sequence[float]]) -> list[float]:
+    if len({len(v) for v in lists}) != 1:
+        raise ValueError("seed replicates cover different items")
+    return [sum(col) / len(col) for col in zip(*lists)]
+
+
+def _proportions(ref: Sequence[Sequence[bool]], model: Sequence[Sequence[bool]]) -> dict[str, Any]:
+    """Paired Δ accuracy: exact (Newcombe, McNemar) for one run each, seed-averaged otherwise."""
+    if len(ref) == 1 and len(model) == 1:
+        s = paired.paired_proportions(ref[0], model[0])
+        return _metric(s, flips=[s["right_to_wrong"], s["wrong_to_right"]],
+                       mcnemar_p=s["mcnemar_p"], unpaired_stderr=s["unpaired_stderr"])
+    s = paired.paired_over_seeds([[float(x) for x in r] for r in ref],
+                                 [[float(x) for x in r] for r in model])
+    return _metric(s, flips=[s["flips"]["right_to_wrong"], s["flips"]["wrong_to_right"]],
+                   seeds=[s["n_seeds_a"], s["n_seeds_b"]])
+
+
+def _bench_records(results: Sequence[dict], name: str) -> tuple[str, list[list[dict]]]:
+    """The primary metric and each seed's item records (sorted by item index) of a benchmark."""
+    entries = [r["items"][name] for r in results]
+    primaries = {e["primary"] for e in entries}
+    if len(primaries) != 1:
+        raise ValueError(f"{name}: results scored by different metrics ({', '.join(primaries)})")
+    return primaries.pop(), [sorted(e["records"], key=lambda x: x["index"]) for e in entries]
+
+
+def _check_items(ref: list[list[dict]], model: list[list[dict]], name: str) -> None:
+    indices = {tuple(x["index"] for x in recs) for recs in ref + model}
+    if len(indices) != 1:
+        raise ValueError(f"{name}: the models were scored on different items")
+
+
+def paired_metrics(ref: Sequence[dict], model: Sequence[dict],
+                   with_kl: bool = False) -> dict[str, dict[str, Any]]:
+    """Metrics of `model` paired against `ref` (each a list of results over seeds; one result
+    for a single run). `with_kl` adds the paired difference of per-sample KL (between two
+    fine-tuned runs; against the base it is the KL itself)."""
+    if not ref or not model:
+        raise ValueError("paired_metrics needs at least one result on each side")
+    out: dict[str, dict[str, Any]] = {}
+    names = [k for k in model[0].get("items", {}) if all(k in r.get("items", {}) for r in ref)]
+    deltas = []
+    for name in names:
+        if name.startswith(BENCH_PREFIX):
+            primary, ref_recs = _bench_records(ref, name)
+            _, model_recs = _bench_records(model, name)
+            _check_items(ref_recs, model_recs, name)
+            bench = name[len(BENCH_PREFIX):]
+            out[f"paired/{bench}"] = _proportions([[x["correct"] for x in r] for r in ref_recs],
+                                                  [[x["correct"] for x in r] for r in model_recs])
+            margins = [_mean_over_seeds([[paired.gold_margin(x, primary) for x in r]
+                                         for r in recs]) for recs in (ref_recs, model_recs)]
+            out[f"margin/{bench}"] = _metric(paired.paired_mean_difference(*margins))
+            deltas.append(out[f"paired/{bench}"])
+        elif name == "task_acc":
+            out["paired/task_acc"] = _proportions([r["items"][name] for r in ref],
+                                                  [r["items"][name] for r in model])
+        elif name == "task_nll" or (name == "kl" and with_kl):
+            means = [_mean_over_seeds([r["items"][name] for r in side]) for side in (ref, model)]
+            out[f"paired/{name}"] = _metric(paired.paired_mean_difference(*means))
+    if deltas:
+        se = math.sqrt(sum((d["stderr"] or 0.0) ** 2 for d in deltas)) / len(deltas)
+        mean = sum(d["value"] for d in deltas) / len(deltas)
+        out["bench_paired_avg"] = {"value": mean, "stderr": se,
+                                   "ci95": [mean - paired.Z95 * se, mean + paired.Z95 * se],
+                                   "n": sum(d["n"] or 0 for d in deltas)}
+    return out
+
+
+def seed_metrics(metric_sets: Sequence[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Mean of each scalar metric over seed replicates with the t interval across seeds (n − 1
+    degrees of freedom); metrics measured against another model are left to `paired_metrics`."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in metric_sets[0]:
+        if name.startswith(PAIRED_PREFIXES) or name == "bench_paired_avg":
+            continue
+        values = [m[name]["value"] for m in metric_sets if m.get(name, {}).get("value") is not None]
+        if len(values) != len(metric_sets):
+            continue
+        s = paired.seed_interval(values)
+        out[name] = {"value": s["value"], "stderr": s["stderr"] if len(values) > 1 else None,
+                     "ci95": s["ci95"], "n": len(values), "sd": s["sd"] if len(values) > 1 else None}
+    return out
