@@ -85,3 +85,26 @@ def test_model_with_other_vocabulary_is_refused(setup, tiny_model_no_bos, tmp_pa
 def test_nothing_to_evaluate_is_an_error(capsys):
     assert main(["eval"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_compare_pairs_two_models_item_by_item(setup, tiny_model, tmp_path, capsys):
+    """`--compare A B`: B − A on every yardstick with paired intervals, and every model paired
+    against the base; per-item outcomes land in items.json."""
+    a = setup["perturbed"]
+    b = str(perturb(tiny_model, tmp_path / "b", scale=0.1, seed=2))
+    assert main(["eval", "--base", setup["base"], "--model", a, "--model", b,
+                 "--kl-samples", setup["samples"], "--task", setup["task"], "--bench",
+                 setup["bench"], "--max-new-tokens", "4", "--compare", f"{a},{b}",
+                 "--out", str(tmp_path / "ev"), "--no-cache"]) == 0
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    items = json.loads((tmp_path / "ev" / "items.json").read_text())
+    mean = {s: sum(items[s]["kl"]) / len(items[s]["kl"]) for s in (a, b)}
+    assert ev["comparisons"][0]["metrics"]["paired/kl"]["value"] == pytest.approx(mean[b] - mean[a])
+    assert set(ev["paired"]) == {a, b}
+    assert {"paired/task_nll", "paired/task_acc", "paired/bench"} <= set(ev["paired"][a])
+    md = (tmp_path / "ev" / "eval.md").read_text()
+    assert "## Paired against the base" in md and "Paired comparisons between runs" in md
+    capsys.readouterr()
+    assert main(["eval", "--base", setup["base"], "--model", a, "--task", setup["task"],
+                 "--compare", f"{a},nope", "--out", str(tmp_path / "x")]) == 2
+    assert "--compare takes two of the models evaluated" in capsys.readouterr().err

@@ -171,7 +171,7 @@ def check_train_folder(folder: Path) -> None:
         assert json.loads((folder / "manifest.json").read_text())["stage"] == "train"
         load_file(folder / "model.safetensors")
         json.loads((folder / "train_config.json").read_text())
-    elif (folder / "config.json").exists():
+    elif (folder / "training_log.jsonl").exists():  # weights may be there, maybe half written
         with pytest.raises(CftuneError, match="unfinished"):
             resolve(folder)
 

@@ -245,3 +245,22 @@ def test_seeds_replicate_runs_and_the_report_pairs_them(tiny_model, tmp_path, ca
     (out / "results.md").unlink()
     assert cli_main(["report", str(out)]) == 0
     assert (out / "results.md").read_text() == md
+
+
+def test_instruction_yardsticks_in_the_runner(tiny_model, tmp_path):
+    """Held-out instructions give instr_kl (0 for the base, by construction) and the reference
+    responses' NLL, paired per prompt against the base."""
+    instructions = tmp_path / "instr.jsonl"
+    instructions.write_text("".join(json.dumps({"prompt": f"Say {w}.", "reference": f"{w}!"}) + "\n"
+                                    for w in ("hi", "yes", "blue", "cat", "tea")))
+    ev = {"task_limit": 3, "max_new_tokens": 8, "batch_size": 4,
+          "instructions": str(instructions), "instruction_max_new_tokens": 6}
+    path = write_config(tmp_path, tiny_model, eval=ev, runs=[{"name": "full", "method": "full"}])
+    out = run(RunConfig(experiment=str(path), out=str(tmp_path / "e")))
+    base, full = json.loads((out / "results.json").read_text())
+    assert abs(base["metrics"]["instr_kl"]["value"]) < 1e-4
+    assert base["metrics"]["instr_kl"]["n"] == 10  # 5 prompts x 2 responses
+    assert full["metrics"]["instr_kl"]["value"] != 0
+    paired = full["metrics"]["paired/instr_ref_nll"]
+    assert paired["n"] == 5 and paired["value"] == pytest.approx(
+        full["metrics"]["instr_ref_nll"]["value"] - base["metrics"]["instr_ref_nll"]["value"])

@@ -7,6 +7,7 @@ yardstick under `items`:
 
     {"task_acc": [bool per problem], "task_nll": [NLL per problem],
      "kl": [log p_base − log p_model per held-out sample],
+     "instr_kl": [KL per instruction], "instr_ref_nll": [reference NLL per instruction],
      "bench/<name>": {"primary": "acc" | "acc_norm", "records": [run_benchmark item records]}}
 
 `paired_metrics(ref, model)` turns two such results into report metrics of `model` against `ref`
@@ -16,7 +17,8 @@ explains it (flips, McNemar p, significance):
 - `paired/<bench>`, `paired/task_acc`: Δ accuracy (model − ref) with Newcombe's paired interval,
   flips right→wrong / wrong→right and the exact McNemar p;
 - `margin/<bench>`: mean change of the gold choice's margin over the best wrong choice;
-- `paired/task_nll`, `paired/kl`: paired mean differences (t interval);
+- `paired/task_nll`, `paired/instr_ref_nll`, `paired/kl`, `paired/instr_kl`: paired mean
+  differences (t interval; the KLs only between two runs: against the base they are the KL);
 - `bench_paired_avg`: the mean Δ over benchmarks (the forgetting axis of the plot).
 
 A model replicated over seeds is a list of results: each item's outcome is averaged over seeds
@@ -100,7 +102,7 @@ def paired_metrics(ref: Sequence[dict], model: Sequence[dict],
         elif name == "task_acc":
             out["paired/task_acc"] = _proportions([r["items"][name] for r in ref],
                                                   [r["items"][name] for r in model])
-        elif name == "task_nll" or (name == "kl" and with_kl):
+        elif name in ("task_nll", "instr_ref_nll") or (name in ("kl", "instr_kl") and with_kl):
             means = [_mean_over_seeds([r["items"][name] for r in side]) for side in (ref, model)]
             out[f"paired/{name}"] = _metric(paired.paired_mean_difference(*means))
     if deltas:

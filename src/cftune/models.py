@@ -104,6 +104,9 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
             raise CftuneError(f"model file {path} not found")
         return ModelSource(spec, path.parent, path.name)
     if path.is_dir():
+        if (path / "training_log.jsonl").is_file() and not (path / "manifest.json").is_file():
+            raise CftuneError(f"model folder {path} is an unfinished `cftune train` run (no "
+                              f"manifest.json): rerun the same train command with --resume")
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise CftuneError(
                 f"model folder {path} has no config.json: expected a `save_pretrained` folder"

@@ -102,6 +102,12 @@ class EvalSpec:
     decode_dtype: str = field("fp32", "precision of greedy task decoding (bf16: faster on CPUs "
                               "with AVX512-BF16, flips near-ties)")
     data_dir: str | None = field(None, "folder holding benchmark files (default: auto)")
+    instructions: str | None = field(None, "held-out instructions (JSONL with prompt/reference, "
+                                     "or the self-instruct seed format) for instr_kl and "
+                                     "instr_ref_nll")
+    instruction_limit: int | None = field(None, "first N instructions (None: all)")
+    instruction_samples: int = field(2, "base responses (T=1) drawn per instruction")
+    instruction_max_new_tokens: int = field(128, "longest base response, in tokens")
     compare: list[list[str]] = field([], "pairs [A, B] of runs (or run groups over seeds) "
                                      "compared item by item: B − A with paired intervals")
     plot_y: str = field("task_acc", "task metric on the plot's y axis: task_acc | task_nll "
@@ -416,15 +422,40 @@ class Runner:
                           lambda f=folder: (f / "manifest.json").is_file(), cost=examples)
             self.models[r["name"]] = folder
         measured = {k: v for k, v in dataclasses.asdict(exp.eval).items()
-                    if k not in ("plot_y", "compare")}  # report settings, not measurements
+                    if k not in ("plot_y", "compare")  # report settings, not measurements
+                    and not (k.startswith("instruction") and exp.eval.instructions is None)}
         # The held-out folder is extended in place when `cf.heldout` grows: the count is part of
         # the key (sample i is fixed), so a changed count re-scores every model on the new set.
         eval_key = _key(measured, str(self.heldout), exp.cf_heldout, str(self.test_file),
                         exp.task.prompt_spec, EVAL_VERSION)
+        self.instructions = None
+        if exp.eval.instructions:
+            self.instructions = self._instruction_stage()
         for name, model in self.models.items():
             folder = self.out / "evals" / f"{name}-{_key(str(model), eval_key)}"
             self._add(f"eval {name}", folder, self._eval_work(name, model, folder),
                       lambda f=folder: (f / "result.json").is_file())
+
+    def _instruction_stage(self) -> Path:
+        """The base's T=1 responses to the held-out instructions (drawn once, for instr_kl)."""
+        from cftune.evaluate.instructions import RESPONSES, draw_responses
+
+        e = self.exp.eval
+        settings = {"file": e.instructions, "limit": e.instruction_limit,
+                    "samples": e.instruction_samples, "max_new_tokens": e.instruction_max_new_tokens,
+                    "doc_start": self.exp.task.doc_start, "dtype": e.score_dtype}
+        folder = self.out / "cf" / f"instructions-{_key(settings, self.base_fp)}"
+
+        def work() -> None:
+            draw_responses(self.exp.model, e.instructions, e.instruction_samples,
+                           e.instruction_max_new_tokens, out=folder, limit=e.instruction_limit,
+                           batch_size=self.exp.cf.batch_size, dtype=e.score_dtype,
+                           doc_start=self.exp.task.doc_start, base_fingerprint=self.base_fp)
+        n = e.instruction_samples * (e.instruction_limit or 175)
+        self._add(f"generate instructions ({n} responses)", folder, work,
+                  lambda: (folder / RESPONSES / "manifest.json").is_file(),
+                  cost=n * e.instruction_max_new_tokens)
+        return folder
 
     def _add(self, name: str, folder: Path, work: Callable[[], None],
              done: Callable[[], bool], cost: float = 1.0) -> None:
@@ -502,7 +533,7 @@ class Runner:
             atomic_write_json_mkdir(folder / "result.json",
                                     evaluate_one(self.exp, name, model_path, self.heldout,
                                                  self.test_file, self.base_fp,
-                                                 self.reference()))
+                                                 self.reference(), self.instructions))
         return work
 
     # ------------------------------------------------------------------ running
@@ -645,8 +676,8 @@ def atomic_write_json_mkdir(path: Path, obj: Any) -> None:
 
 
 def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Path,
-                 test_file: Path, base_fp: str, reference: list[float] | None = None
-                 ) -> dict[str, Any]:
+                 test_file: Path, base_fp: str, reference: list[float] | None = None,
+                 instructions: Path | None = None) -> dict[str, Any]:
     """Every metric of one model, in the report's row-metric format.
 
     One precision rule (issue 9, item 8): every log-likelihood metric (answer NLL, KL, benchmark
@@ -685,6 +716,8 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
         metrics["bench_avg"] = {"value": mean, "stderr": se,
                                 "ci95": [mean - 1.96 * se, mean + 1.96 * se],
                                 "n": sum(m["n"] for m in primaries)}
+    if instructions is not None:
+        _instruction_metrics(model, tokenizer, instructions, exp, base_fp, metrics, items)
     device = next(model.parameters()).device
     model.to(weight_dtype(e.decode_dtype, device, inference=True))
     acc = task_accuracy(model, tokenizer, test_file, limit=e.task_limit,
@@ -693,6 +726,28 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
     metrics = {"task_acc": _metric(acc, "acc"), **metrics}
     items.update(task_acc=acc["correct"], task_nll=nll["per_problem"])
     return {"model": str(model_spec), "name": name, "metrics": metrics, "items": items}
+
+
+def _instruction_metrics(model, tokenizer, folder: Path, exp: Experiment, base_fp: str,
+                         metrics: dict[str, Any], items: dict[str, Any]) -> None:
+    """instr_kl (KL on the base's responses, SE clustered by prompt) and instr_ref_nll (the
+    human reference responses' NLL per token), with their per-prompt values for pairing."""
+    from cftune.evaluate.instructions import (
+        PROMPTS_FILE,
+        instruction_kl,
+        instruction_spec,
+        reference_nll,
+    )
+
+    e = exp.eval
+    kl = instruction_kl(model, folder, e.batch_size, e.score_dtype, base_fingerprint=base_fp,
+                        tokenizer=tokenizer)
+    nll = reference_nll(model, tokenizer, folder / PROMPTS_FILE,
+                        instruction_spec(tokenizer, exp.task.doc_start), e.batch_size,
+                        e.score_dtype)
+    metrics["instr_kl"] = {**_metric(kl, "value"), "seconds": kl.get("seconds")}
+    metrics["instr_ref_nll"] = {**_metric(nll, "value"), "seconds": nll.get("seconds")}
+    items.update(instr_kl=kl["per_prompt"], instr_ref_nll=nll["per_prompt"])
 
 
 def _metric(result: dict[str, Any], key: str) -> dict[str, Any]:

@@ -38,7 +38,14 @@ from cftune.errors import CftuneError, did_you_mean
 from cftune.locking import output_locked
 from cftune.models import DEFAULT_MODEL, DTYPES, load_model, load_tokenizer, resolve_device
 from cftune.prompts import known_doc_start
-from cftune.samples import MANIFEST, atomic_write_json, atomic_write_text, fault_point, read_json
+from cftune.samples import (
+    MANIFEST,
+    atomic_write_json,
+    atomic_write_text,
+    fault_point,
+    read_json,
+    truncate_to_last_newline,
+)
 
 LOG = "training_log.jsonl"
 CONFIG = "train_config.json"
@@ -387,6 +394,22 @@ def _progress_class() -> type:
     return QuietProgress
 
 
+@functools.cache
+def _no_final_checkpoint_class() -> type:
+    from transformers import TrainerCallback
+
+    class NoFinalCheckpoint(TrainerCallback):
+        """No checkpoint at the last step: OUT gets the final model, and the Trainer resumed from a
+        checkpoint with no step left trains one step too many (seen killing a run as it saved its
+        manifest, issue 15); a kill after the last step redoes the steps after the last checkpoint."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = False
+
+    return NoFinalCheckpoint
+
+
 def __getattr__(name: str):
     """`cftune.train.CftuneTrainer` (subclass it and pass it to `train`) without an eager import."""
     if name == "CftuneTrainer":
@@ -609,17 +632,39 @@ def _inputs(config: TrainConfig) -> dict[str, str]:
     return keys
 
 
+def last_checkpoint(folder: Path) -> str | None:
+    """The newest complete checkpoint in `folder`, deleting half-saved ones (None: none).
+
+    The Trainer writes a checkpoint's `trainer_state.json` after its weights, optimizer and RNG
+    states, so one without a readable state was cut short by a kill (issue 15: kill -9 anywhere);
+    resuming from it would fail or load a half-written optimizer. One at the last step is passed
+    over (see `NoFinalCheckpoint`).
+    """
+    found = []
+    for path in folder.glob("checkpoint-*") if folder.is_dir() else ():
+        step = path.name.removeprefix("checkpoint-")
+        if not (path.is_dir() and step.isdigit()):
+            continue
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        if not 0 < state.get("max_steps", 0) <= state.get("global_step", 0):
+            found.append((int(step), path))
+    return str(max(found)[1]) if found else None
+
+
 def _prepare_out(out: Path, config: TrainConfig) -> str | None:
     """Clear or keep OUT; return the checkpoint to resume from (None: start fresh)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     if config.overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    last = get_last_checkpoint(str(out / CHECKPOINTS)) if (out / CHECKPOINTS).is_dir() else None
+    last = last_checkpoint(out / CHECKPOINTS) if config.resume else None
     log = out / LOG
     if config.resume and last:
         step = read_json(Path(last) / "trainer_state.json")["global_step"]
+        truncate_to_last_newline(log)  # a line torn by a kill
         lines = log.read_text().splitlines() if log.exists() else []
         kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
         log.write_text("".join(ln + "\n" for ln in kept))  # drop steps the resumed run redoes
@@ -664,6 +709,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), trainer_cls: type 
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_class())
+    trainer.add_callback(_no_final_checkpoint_class())
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     facts = {"flow_weights": flow, "cf_pool": pool,

@@ -118,15 +118,22 @@ def versions() -> dict[str, str]:
 
 
 def write(out: Path, entries: list[dict], models: list[dict], base: str, config: dict,
-          raw: dict) -> str:
-    """Write eval.json and eval.md under `out`; return the text table."""
+          raw: dict, paired: dict | None = None, comparisons: list | None = None) -> str:
+    """Write eval.json and eval.md under `out` (with the paired comparisons against the base and
+    between `--compare` models); return the text table."""
+    from cftune.report import comparisons_markdown, paired_markdown
+
     out.mkdir(parents=True, exist_ok=True)
     rows = table(entries, [m["spec"] for m in models], base)
     note = ("Values ± half-width of the 95% interval (1.96 standard errors). KL(base ‖ model) in "
-            "nats per sequence and per token; Δ intervals treat base and model as independent.")
-    atomic_write_text(out / "eval.md", f"# cftune eval\n\n{render_markdown(rows)}\n\n{note}\n")
+            "nats per sequence and per token; the Δ column treats base and model as independent; "
+            "the paired tables below compare them item by item.")
+    paired_rows = [{"run": spec, "metrics": m} for spec, m in (paired or {}).items()]
+    atomic_write_text(out / "eval.md", f"# cftune eval\n\n{render_markdown(rows)}\n\n{note}\n\n"
+                      + paired_markdown(paired_rows) + comparisons_markdown(comparisons or []))
     atomic_write_json(out / "eval.json", {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(),
         "base": base, "models": models, "config": config, "results": entries, "raw": raw,
+        "paired": paired or {}, "comparisons": comparisons or [],
     })
     return render_text(rows)

@@ -22,7 +22,6 @@ from cftune.evaluate import benchmarks
 from cftune.evaluate.instructions import (
     PROMPTS_FILE,
     RESPONSES,
-    compare_per_prompt,
     draw_responses,
     instruction_kl,
     instruction_spec,
@@ -44,9 +43,9 @@ from cftune.models import (
     weight_dtype,
 )
 from cftune.prompts import PromptSpec
-from cftune.samples import read_manifest, samples_file
+from cftune.samples import atomic_write_json, read_manifest, samples_file
 
-CACHE_VERSION = 2  # bump when a metric's computation changes
+CACHE_VERSION = 3  # bump when a metric's computation changes
 
 
 @dataclass
@@ -89,6 +88,8 @@ class EvalConfig:
     force_kl: bool = field(False, "estimate the KL even from biased or mismatched samples")
     data_dir: str | None = field(None, "folder of benchmark files (default $CFTUNE_DATA or ../shared/data)")
     cache: bool = field(True, "reuse cached results (keyed by model and data content)")
+    compare: list[str] = field([], "two of the models (or the base) to compare item by item: "
+                               "B − A on every yardstick, with paired intervals")
 
     def __post_init__(self) -> None:
         problems = []
@@ -219,19 +220,39 @@ def instruction_responses(config: EvalConfig, base_fp: str) -> Path | None:
                           base_fingerprint=base_fp)
 
 
-def _pair_instructions(results: dict[str, list[tuple[str, str, dict]]], base: str) -> list[str]:
-    """Add `paired_vs_base` (per-prompt paired Δ, SE, t interval) to each model's instruction
-    results; return one printable line per model and metric."""
-    base_results = {kind: r for kind, _, r in results[base] if kind.startswith("instr_")}
-    lines = []
-    for spec, rows in results.items():
-        for kind, _, r in rows if spec != base else ():
-            if kind in base_results:
-                p = r["paired_vs_base"] = compare_per_prompt(base_results[kind], r)
-                ci = "[{:+.4f}, {:+.4f}]".format(*p["ci95"]) if p["ci95"] else "[n/a]"
-                lines.append(f"  {kind} {Path(spec).name or spec}: paired Δ vs base "
-                             f"{p['delta']:+.4f} ± {p['stderr']:.4f} (95% {ci}, {p['n']} prompts)")
-    return lines
+PER_ITEM = ("items", "per_sample", "per_problem", "correct", "per_prompt", "indices")
+# result kind -> (its per-item key, the yardstick's name in `cftune.compare`)
+OUTCOMES = {"kl": ("per_sample", "kl"), "task": ("correct", "task_acc"),
+            "task_nll": ("per_problem", "task_nll"), "instr_kl": ("per_prompt", "instr_kl"),
+            "instr_ref_nll": ("per_prompt", "instr_ref_nll")}
+
+
+def item_outcomes(rows: list[tuple[str, str, dict]]) -> dict:
+    """One model's per-item outcomes, in the shape `cftune.compare.paired_metrics` reads."""
+    items: dict = {}
+    for kind, name, r in rows:
+        if kind == "bench" and "items" in r:
+            items[f"bench/{name}"] = {"primary": r["primary"], "records": r["items"]}
+        elif kind in OUTCOMES and OUTCOMES[kind][0] in r:
+            key, label = OUTCOMES[kind]
+            items[label] = r[key]
+    return {"items": items}
+
+
+def paired_results(results: dict[str, list[tuple[str, str, dict]]], base: str,
+                   compare: list[str]) -> tuple[dict[str, dict], list[dict]]:
+    """Every model paired against the base item by item, and the `--compare A B` pair."""
+    from cftune.compare import paired_metrics
+
+    outcomes = {spec: item_outcomes(rows) for spec, rows in results.items()}
+    paired = {spec: paired_metrics([outcomes[base]], [outcomes[spec]])
+              for spec in results if spec != base}
+    comparisons = []
+    if compare:
+        a, b = compare
+        comparisons.append({"ref": a, "model": b, "metrics": paired_metrics(
+            [outcomes[a]], [outcomes[b]], with_kl=True)})
+    return paired, comparisons
 
 
 def kl_reference(config: EvalConfig, base_fp: str) -> list[float] | None:
@@ -254,6 +275,10 @@ def evaluate(config: EvalConfig) -> dict:
     """Score the base and every model, print the comparison table, write `out/eval.json` and
     `out/eval.md`; returns the eval.json content."""
     specs = list(dict.fromkeys([config.base, *config.model]))
+    unknown = [c for c in config.compare if c not in specs]
+    if config.compare and (len(config.compare) != 2 or unknown):
+        raise CftuneError(f"--compare takes two of the models evaluated ({', '.join(specs)}); "
+                          f"got {', '.join(config.compare)}")
     for name in config.bench:  # a mistyped benchmark fails before any model is loaded
         benchmarks.resolve(name, config.data_dir)
     base_tokenizer = load_tokenizer(config.base)
@@ -269,14 +294,16 @@ def evaluate(config: EvalConfig) -> dict:
         print(f"cftune eval: {spec}")
         results[spec] = _evaluate_model(config, spec, fps[spec], tokenizers[spec],
                                         fps[config.base], base_tokenizer, reference, instr)
-    paired = _pair_instructions(results, config.base) if instr is not None else []
+    paired, comparisons = paired_results(results, config.base, config.compare)
     entries = build_entries(results, config.base)
     models = [{"spec": s, "fingerprint": fps[s], "role": "base" if s == config.base else "model"}
               for s in specs]
-    raw = {s: [{"kind": k, "name": n, **r} for k, n, r in rs] for s, rs in results.items()}
-    text = write(Path(config.out), entries, models, config.base, to_dict(config), raw)
+    raw = {s: [{"kind": k, "name": n, **{key: v for key, v in r.items() if key not in PER_ITEM}}
+               for k, n, r in rs] for s, rs in results.items()}
+    out = Path(config.out)
+    text = write(out, entries, models, config.base, to_dict(config), raw, paired, comparisons)
+    atomic_write_json(out / "items.json", {s: item_outcomes(rs)["items"] for s, rs in results.items()})
     print(text)
-    if paired:
-        print("Instruction yardsticks, paired per prompt (B − base):\n" + "\n".join(paired))
-    print(f"cftune eval: wrote {Path(config.out) / 'eval.json'} and {Path(config.out) / 'eval.md'}")
+    print(f"cftune eval: wrote {out / 'eval.json'}, {out / 'eval.md'} and {out / 'items.json'} "
+          f"(per-item outcomes)")
     return json.loads((Path(config.out) / "eval.json").read_text())
