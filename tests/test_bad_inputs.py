@@ -123,6 +123,15 @@ def edit_manifest(folder: Path, **counts: int) -> Path:
     return folder
 
 
+def other_tokenizer(folder: Path) -> Path:
+    """A CF folder as if drawn from a model with another tokenizer (GPT-2's vocabulary)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["tokenizer"]["vocab_size"] = 50257
+    manifest["model_fingerprint"] = "sha256:" + "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
 def an_output_file(e: Env) -> None:
     (e.root / "out").write_text("precious\n")
 
@@ -187,6 +196,10 @@ CASES: list[tuple[str, Callable[[Env], list[str]], tuple[str, ...]]] = [
      ("manifest.json line 1", "JSON")),
     ("cf-unfinished", lambda e: train_cfs(e, Path(e.file("cfs/progress.json", "{}")).parent),
      ("no manifest.json", "rerun")),
+    ("cf-from-another-model", lambda e: [*train_cfs(e, e.cfs), "--model", e.ft],
+     ("cfs/manifest.json", "another model", "cftune generate --model")),
+    ("cf-from-another-tokenizer", lambda e: train_cfs(e, other_tokenizer(e.copy_cfs())),
+     ("cfs/manifest.json", "another tokenizer (vocab 50257", "260")),
     # --- models
     ("model-without-weights", lambda e: train(e, None, "--model", e.model_without("weights")),
      ("model-no-weights",)),
@@ -329,6 +342,23 @@ def test_utf8_bom_is_accepted_with_a_note(env, capsys):
     assert call(train(env, task)) == 0
     err = capsys.readouterr().err
     assert "t.jsonl" in err and "byte-order mark" in err
+    assert json.loads((Path(env.out) / "manifest.json").read_text())["counts"]["task"][
+        "bom_skipped"] == 1  # and in the manifest's counts
     csv_task = env.file("t.csv", "\ufeffprompt,response\na,b\n")
     assert call(train(env, csv_task, "--out", str(env.root / "out2"))) == 0
     assert "byte-order mark" in capsys.readouterr().err
+    assert json.loads((env.root / "out2" / "manifest.json").read_text())["counts"]["task"][
+        "bom_skipped"] == 1
+
+
+def test_over_long_rows_are_cut_with_a_note_and_counted(env, capsys):
+    """A 50,000-word response is cut to --max-length (its start kept); a 50,000-word prompt leaves
+    no response to learn once cut, so that row is dropped: both said in one line and counted."""
+    words = "word " * 50_000
+    task = env.jsonl("t.jsonl", {"prompt": "a", "response": "b"},
+                     {"prompt": "Say it.", "response": words}, {"prompt": words, "response": "b"})
+    assert call(train(env, task, "--max-length", "64")) == 0
+    out = capsys.readouterr().out
+    assert "task data: 2 examples of 3 rows (1 truncated, 1 dropped)" in out, out
+    counts = json.loads((Path(env.out) / "manifest.json").read_text())["counts"]["task"]
+    assert (counts["rows"], counts["kept"], counts["truncated"], counts["dropped"]) == (3, 2, 1, 1)

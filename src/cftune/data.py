@@ -259,15 +259,26 @@ class Counts:
     truncated: int = 0
     dropped: int = 0
     target_tokens: int = 0
+    bom_skipped: int = 0  # files whose UTF-8 byte-order mark was skipped (accepted, with a note)
+
+
+def starts_with_bom(path: str | Path) -> bool:
+    """Whether a file starts with a UTF-8 byte-order mark (False for a folder or `builtin:`)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(BOM)) == BOM
+    except OSError:
+        return False
 
 
 def task_examples(path: str | Path, tokenizer, fmt: TaskFormat,
                   rows: Sequence[dict] | None = None) -> tuple[list[dict], Counts]:
     """Every usable row of a task file as an example, with the counts of cut and dropped rows."""
+    bom = rows is None and starts_with_bom(path)
     rows = read_rows(path) if rows is None else rows
     if not rows:
         raise CftuneError(f"{path}: no rows")
-    counts, out = Counts(rows=len(rows)), []
+    counts, out = Counts(rows=len(rows), bom_skipped=int(bom)), []
     for i, row in enumerate(rows):
         where = f"{path} row {i + 1}"
         if not isinstance(row, dict):

@@ -520,7 +520,10 @@ class Runner:
     def _train_work(self, settings: dict[str, Any], folder: Path) -> Callable[[], None]:
         from cftune.train import train
 
-        return lambda: train(from_dict(TrainConfig, {**settings, "out": str(folder)}))
+        # resume: a killed `cftune run` continues its training from the last checkpoint (not a
+        # setting: the folder's key and the trained model are the same either way)
+        return lambda: train(from_dict(TrainConfig, {**settings, "out": str(folder),
+                                                     "resume": True}))
 
     def _merge_work(self, parent: Path, folder: Path, alpha: float) -> Callable[[], None]:
         from cftune.merge import MergeConfig, merge

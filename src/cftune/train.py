@@ -459,8 +459,10 @@ def examples(config: TrainConfig, tokenizer, kind: str, path: str,
                                                      require_prompts=spec.contextual))
 
 
-def cf_pool_facts(config: TrainConfig) -> dict[str, Any] | None:
-    """How the training CF pool was drawn (for the manifest), refusing a filtered one.
+def cf_pool_facts(config: TrainConfig, tokenizer=None, model_fp: str | None = None
+                  ) -> dict[str, Any] | None:
+    """How the training CF pool was drawn (for the manifest), refusing a filtered one and one
+    drawn from another model or tokenizer than the one trained (`model_fp`: its fingerprint).
 
     The CF term is an expectation under p_base: de-duplication under-weights the most probable
     sequences and a length filter drops short ones, so a filtered pool biases the estimator
@@ -472,6 +474,18 @@ def cf_pool_facts(config: TrainConfig) -> dict[str, Any] | None:
     from cftune.samples import read_manifest
 
     manifest = read_manifest(config.cfs)
+    drawn_fp = manifest.get("model_fingerprint")
+    vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
+    if tokenizer is not None and vocab is not None and vocab != len(tokenizer):
+        other = f"another tokenizer (vocab {vocab}; {config.model}: {len(tokenizer)})"
+    elif model_fp and drawn_fp and drawn_fp != model_fp:
+        other = f"another model ({drawn_fp[:19]}…; {config.model}: {model_fp[:19]}…)"
+    else:
+        other = None
+    if other:
+        raise CftuneError(f"{config.cfs}/manifest.json: the CF samples were drawn from "
+                          f"{manifest.get('model')}, {other}; the CF term needs samples of the "
+                          f"model being trained: `cftune generate --model {config.model}`")
     settings = manifest.get("settings") or {}
     dedup, min_tokens = bool(settings.get("dedup")), int(settings.get("min_tokens") or 0)
     filtered = dedup or min_tokens > 0
@@ -691,7 +705,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), trainer_cls: type 
     resume_from = _prepare_out(out, config)
     tokenizer = load_tokenizer(config.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pool = cf_pool_facts(config)
+    pool = cf_pool_facts(config, tokenizer, inputs["model"])
     train_ds, counts = build_data(config, tokenizer)
     eval_ds = build_eval_data(config, tokenizer) if config.eval_steps else None
     for name, c in counts.items():
