@@ -168,8 +168,11 @@ def test_forced_bf16_scoring_rescores_the_base_and_reports_the_floor(tiny_model,
 
 
 def test_cli_eval_and_runner_agree(tiny_model, tmp_path, capsys):
+    """One precision rule for both (issue 9, item 8): with bf16 decoding asked of each, every
+    log-likelihood metric is still fp32 and identical, and so are the greedy answers."""
     runs = [{"name": "full", "method": "full"}]
-    out = run(RunConfig(experiment=str(write_config(tmp_path, tiny_model, runs=runs)),
+    ev = {"task_limit": 3, "max_new_tokens": 8, "batch_size": 4, "decode_dtype": "bf16"}
+    out = run(RunConfig(experiment=str(write_config(tmp_path, tiny_model, runs=runs, eval=ev)),
                         out=str(tmp_path / "e")))
     rows = json.loads((out / "results.json").read_text())
     heldout = next((out / "cf").glob("cf-heldout-*"))
@@ -177,7 +180,7 @@ def test_cli_eval_and_runner_agree(tiny_model, tmp_path, capsys):
     test_file = next((out / "data").glob("*/test.jsonl"))
     assert cli_main(["eval", "--base", str(tiny_model), "--model", str(model), "--kl-samples",
                      str(heldout), "--task", str(test_file), "--limit", "3", "--task-prompt",
-                     "chat", "--max-new-tokens", "8", "--no-cache", "--out",
+                     "chat", "--max-new-tokens", "8", "--decode-dtype", "bf16", "--no-cache", "--out",
                      str(tmp_path / "ev")]) == 0
     ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
     raw = ev["raw"][str(model)]
