@@ -195,7 +195,8 @@ def test_cli_eval_and_runner_agree(tiny_model, tmp_path, capsys):
 def test_contextual_answers_are_posed_as_training_and_as_long_as_eval(tiny_model, tmp_path):
     """The contextual baseline answers the training prompt as training poses it, up to the
     evaluation's answer length by default (issue 9, item 3)."""
-    from cftune.run import Experiment, Runner
+    from cftune.experiment import Experiment
+    from cftune.run import Runner
     from cftune.samples import iter_samples, read_manifest
 
     ev = {"task_limit": 3, "max_new_tokens": 11, "batch_size": 4}
