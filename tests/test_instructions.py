@@ -206,14 +206,17 @@ def test_cli_reports_instruction_yardsticks(setup, tmp_path, monkeypatch, capsys
             "--instruction-max-new-tokens", "8", "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "instr_kl" in printed and "paired Δ vs base" in printed
+    assert "instr_kl" in printed and "Paired against the base" in printed
     report = json.loads((out / "eval.json").read_text())
     rows = {(e["model"], e["metric"]): e for e in report["results"]}
     assert abs(rows[(setup["base"], "instr_kl")]["value"]) < 1e-4
     assert rows[(setup["perturbed"], "instr_kl")]["value"] > 0
     assert rows[(setup["perturbed"], "instr_ref_nll")]["n"] == 3
+    paired = report["paired"][setup["perturbed"]]["paired/instr_ref_nll"]
+    assert paired["n"] == 3 and paired["value"] == pytest.approx(
+        rows[(setup["perturbed"], "instr_ref_nll")]["value"]
+        - rows[(setup["base"], "instr_ref_nll")]["value"])
     raw = {r["kind"]: r for r in report["raw"][setup["perturbed"]]}
-    assert raw["instr_ref_nll"]["paired_vs_base"]["n"] == 3
     assert raw["instr_kl"]["n_responses"] == 8
     drawn = list((tmp_path / "cache" / "instructions").iterdir())
     assert len(drawn) == 1  # the base's responses, drawn once

@@ -43,6 +43,7 @@ from cftune.models import (
     weight_dtype,
 )
 from cftune.prompts import PromptSpec
+from cftune.report import comparisons_markdown, paired_markdown
 from cftune.samples import atomic_write_json, read_manifest, samples_file
 
 CACHE_VERSION = 3  # bump when a metric's computation changes
@@ -304,6 +305,8 @@ def evaluate(config: EvalConfig) -> dict:
     text = write(out, entries, models, config.base, to_dict(config), raw, paired, comparisons)
     atomic_write_json(out / "items.json", {s: item_outcomes(rs)["items"] for s, rs in results.items()})
     print(text)
+    print(paired_markdown([{"run": s, "metrics": m} for s, m in paired.items()])
+          + comparisons_markdown(comparisons))
     print(f"cftune eval: wrote {out / 'eval.json'}, {out / 'eval.md'} and {out / 'items.json'} "
           f"(per-item outcomes)")
     return json.loads((Path(config.out) / "eval.json").read_text())
