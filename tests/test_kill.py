@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from test_run import write_config
 
 from cftune.cli import main
 from cftune.errors import CftuneError
@@ -272,19 +272,12 @@ TIMING = ("wall_time_s", "tokens")  # columns that measure the machine, not the 
 
 
 def write_experiment(tmp_path: Path, model: Path) -> Path:
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": str(model),
-        "task": {"train": "builtin:arithmetic", "test": "builtin:arithmetic",
-                 "train_rows": 16, "test_rows": 4},
-        "cf": {"max_new_tokens": 8, "heldout": 24, "batch_size": 8, "device": "cpu"},
-        "train": {"max_steps": 6, "batch_size": 2, "learning_rate": 1e-2, "dtype": "fp32",
-                  "device": "cpu", "save_steps": 2},
-        "eval": {"task_limit": 3, "max_new_tokens": 8, "batch_size": 4},
-        "runs": [{"name": "cfs", "method": "cfs", "cfs_ratio": 1.0},
-                 {"name": "wise", "method": "wise-ft", "of": "cfs", "alphas": [0.5]}],
-    }))
-    return path
+    """test_run's tiny experiment, with a checkpoint every 2 of 6 steps to kill around."""
+    return write_config(tmp_path, model,
+                        train={"max_steps": 6, "batch_size": 2, "learning_rate": 1e-2,
+                               "dtype": "fp32", "device": "cpu", "save_steps": 2},
+                        runs=[{"name": "cfs", "method": "cfs", "cfs_ratio": 1.0},
+                              {"name": "wise", "method": "wise-ft", "of": "cfs", "alphas": [0.5]}])
 
 
 def results_without_timing(folder: Path) -> dict[str, object]:
