@@ -34,9 +34,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from cftune.evaluate import paired
+from cftune.report import BENCH_PAIRED, PAIRED_PREFIXES
 
 BENCH_PREFIX = "bench/"
-PAIRED_PREFIXES = ("paired/", "margin/")  # metrics measured against another model
 
 
 def _metric(stats: dict, value_key: str = "delta", **extra: Any) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def paired_metrics(ref: Sequence[dict], model: Sequence[dict],
     if deltas:
         se = math.sqrt(sum((d["stderr"] or 0.0) ** 2 for d in deltas)) / len(deltas)
         mean = sum(d["value"] for d in deltas) / len(deltas)
-        out["bench_paired_avg"] = {"value": mean, "stderr": se,
+        out[BENCH_PAIRED] = {"value": mean, "stderr": se,
                                    "ci95": [mean - paired.Z95 * se, mean + paired.Z95 * se],
                                    "n": sum(d["n"] or 0 for d in deltas)}
     return out
@@ -119,7 +119,7 @@ def seed_metrics(metric_sets: Sequence[dict[str, dict[str, Any]]]) -> dict[str, 
     degrees of freedom); metrics measured against another model are left to `paired_metrics`."""
     out: dict[str, dict[str, Any]] = {}
     for name in metric_sets[0]:
-        if name.startswith(PAIRED_PREFIXES) or name == "bench_paired_avg":
+        if name.startswith(PAIRED_PREFIXES) or name == BENCH_PAIRED:
             continue
         values = [m[name]["value"] for m in metric_sets if m.get(name, {}).get("value") is not None]
         if len(values) != len(metric_sets):

@@ -42,13 +42,13 @@ from cftune.samples import atomic_write_text
 BASE = "base"
 TASK, TASK_NLL, KL, BENCH = "task_acc", "task_nll", "kl", "bench_avg"
 INSTR_KL, INSTR_NLL, BENCH_PAIRED = "instr_kl", "instr_ref_nll", "bench_paired_avg"
+PAIRED_PREFIXES = ("paired/", "margin/")  # measured against another model: tables of their own
 TASK_AXES = (TASK, TASK_NLL)  # what the plot's y axis may show
 FORGETTING_AXES = (KL, INSTR_KL, BENCH_PAIRED)  # a plot panel each, when measured
 METRIC_ORDER = (TASK, TASK_NLL, KL, "kl_per_token", INSTR_KL, INSTR_NLL, BENCH, BENCH_PAIRED)
 # Already measured against the base (0 for the base itself): a Δ column would repeat them.
 VERSUS_BASE = (KL, "kl_per_token", "kl_reference_residual", "stream_capped", INSTR_KL,
                BENCH_PAIRED)
-PAIRED_PREFIXES = ("paired/", "margin/")  # per-benchmark paired metrics: their own tables
 RESULTS_CSV, RESULTS_MD, TRADEOFF_PNG = "results.csv", "results.md", "tradeoff.png"
 MISSING = "–"
 AXIS_LABELS = {

@@ -280,21 +280,17 @@ class Runner:
         return self.results()
 
     def reference(self) -> list[float] | None:
-        """The base's log-probs of the held-out samples in `eval.score_dtype`, when that is not
-        the precision `logp_base` was stored in (computed once, kept beside the samples)."""
-        from cftune.evaluate.kl import logp_dtype, score_samples
-        from cftune.models import load_model
-        from cftune.samples import read_manifest
+        """`kl.base_reference` for the held-out samples in `eval.score_dtype`, computed once and
+        kept beside the samples (None when their stored `logp_base` is in that precision)."""
+        from cftune.evaluate.kl import base_reference, needs_reference
 
-        dtype = self.exp.eval.score_dtype
-        if logp_dtype(read_manifest(self.heldout)) == dtype:
+        e = self.exp.eval
+        if not needs_reference(self.heldout, e.score_dtype):
             return None
-        path = self.heldout / f"reference-{dtype}-{self.exp.cf_heldout}.json"
+        path = self.heldout / f"reference-{e.score_dtype}-{self.exp.cf_heldout}.json"
         if not path.is_file():
-            model = load_model(self.exp.model, "auto", dtype, inference=True)
-            atomic_write_json(path, score_samples(model, self.heldout, self.exp.cf_heldout,
-                                                  self.exp.eval.batch_size, dtype,
-                                                  desc=f"base log-probs in {dtype}"))
+            atomic_write_json(path, base_reference(self.exp.model, self.heldout, e.score_dtype,
+                                                   self.exp.cf_heldout, e.batch_size))
         return read_json(path)
 
     def results(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

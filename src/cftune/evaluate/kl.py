@@ -127,6 +127,24 @@ def score_samples(model, samples_folder: str | Path, limit: int | None = None,
     return [s.logprob for s in scored]
 
 
+def needs_reference(samples_folder: str | Path, dtype: str) -> bool:
+    """Whether scoring in `dtype` needs the base re-scored: `logp_base` is in another precision."""
+    return logp_dtype(read_manifest(samples_folder)) != dtype
+
+
+def base_reference(base: str, samples_folder: str | Path, dtype: str, limit: int | None = None,
+                   batch_size: int = 8, device: str = "auto") -> list[float] | None:
+    """The base's log-probs of the samples in `dtype`, the KL's `reference` when `logp_base` was
+    stored in another precision; None (nothing loaded) when the stored values are in `dtype`."""
+    if not needs_reference(samples_folder, dtype):
+        return None
+    from cftune.models import load_model
+
+    model = load_model(base, device, dtype, inference=True)
+    return score_samples(model, samples_folder, limit, batch_size, dtype,
+                         desc=f"base log-probs in {dtype}")
+
+
 def kl_to_base(model, samples_folder: str | Path, batch_size: int = 8, dtype: str = "fp32",
                force: bool = False, limit: int | None = None, base_fingerprint: str | None = None,
                tokenizer=None, reference: Sequence[float] | None = None) -> dict:

@@ -27,7 +27,7 @@ from cftune.evaluate.instructions import (
     instruction_spec,
     reference_nll,
 )
-from cftune.evaluate.kl import kl_to_base, logp_dtype, score_samples
+from cftune.evaluate.kl import base_reference, kl_to_base, needs_reference
 from cftune.evaluate.multiple_choice import run_benchmark
 from cftune.evaluate.perplexity import perplexity
 from cftune.evaluate.report import build_entries, write
@@ -44,7 +44,7 @@ from cftune.models import (
 )
 from cftune.prompts import PromptSpec
 from cftune.report import comparisons_markdown, paired_markdown
-from cftune.samples import atomic_write_json, read_manifest, samples_file
+from cftune.samples import atomic_write_json, samples_file
 
 CACHE_VERSION = 3  # bump when a metric's computation changes
 
@@ -257,18 +257,14 @@ def paired_results(results: dict[str, list[tuple[str, str, dict]]], base: str,
 
 
 def kl_reference(config: EvalConfig, base_fp: str) -> list[float] | None:
-    """The base's log-probs of the KL samples in `score_dtype`, when the stored `logp_base` were
-    computed in another precision (None: the stored ones are used as they are)."""
-    if not config.kl_samples or logp_dtype(read_manifest(config.kl_samples)) == config.score_dtype:
+    """`kl.base_reference` for the KL samples in `score_dtype`, cached like every result."""
+    if not config.kl_samples or not needs_reference(config.kl_samples, config.score_dtype):
         return None
     key = {"kind": "kl_reference", "samples": file_hash(samples_file(config.kl_samples)),
            "dtype": config.score_dtype}
-
-    def compute() -> dict:
-        base = load_model(config.base, config.device, config.score_dtype, inference=True)
-        return {"logps": score_samples(base, config.kl_samples, None, config.batch_size,
-                                       config.score_dtype, desc="base log-probs")}
-    return _cached(config.cache, base_fp, key, compute)["logps"]
+    return _cached(config.cache, base_fp, key, lambda: {"logps": base_reference(
+        config.base, config.kl_samples, config.score_dtype, None, config.batch_size,
+        config.device)})["logps"]
 
 
 @output_locked
