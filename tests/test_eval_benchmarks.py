@@ -87,6 +87,22 @@ def test_subsets_are_fixed():
     assert subset(3, 10) == [0, 1, 2]
 
 
+def test_offset_gives_a_disjoint_split(tmp_path):
+    assert subset(10, 3, offset=5) == [5, 6, 7]
+    assert subset(10, 30, offset=8) == [8, 9]
+    drawn = subset(10, 3, seed=7, offset=5)
+    assert len(drawn) == 3 and min(drawn) >= 5
+    with pytest.raises(CftuneError, match="offset 10 leaves no items"):
+        subset(10, 3, offset=10)
+    path = write_jsonl(tmp_path / "six.jsonl", [{"context": f"q{i}", "choices": ["x", "y"],
+                                                 "gold": i % 2} for i in range(6)])
+    search, report = load(str(path), limit=3, offset=3), load(str(path), limit=3)
+    assert search.indices == [3, 4, 5] and report.indices == [0, 1, 2]
+    assert [it.contexts[0] for it in search.items] == ["q3", "q4", "q5"]
+    with pytest.raises(CftuneError, match=r"six.jsonl\): offset 6 leaves no items"):
+        load(str(path), offset=6)
+
+
 @pytest.mark.parametrize("rows,message", [
     ([{"context": "a", "choices": ["x", "y"], "gold": 0}, {"context": "b", "choices": ["x", "y"]}],
      r"mine.jsonl line 2: missing field `gold`"),

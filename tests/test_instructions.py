@@ -76,6 +76,10 @@ def test_plain_file_with_custom_fields_and_limit(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"q": "A?", "a": "yes"}, {"q": "B?"}, {"q": "C?"}])
     assert read_instructions(path, "q", "a", limit=2) == [Instruction("A?", "yes"),
                                                           Instruction("B?", None)]
+    assert read_instructions(path, "q", "a", limit=1, offset=1) == [Instruction("B?", None)]
+    assert read_instructions(path, "q", "a", offset=2) == [Instruction("C?", None)]
+    with pytest.raises(CftuneError, match="has 3 records, none from offset 3"):
+        read_instructions(path, "q", "a", offset=3)
 
 
 def test_shared_self_instruct_seed_file(shared_data):

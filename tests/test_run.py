@@ -93,6 +93,8 @@ def test_sweep_expands_into_runs_and_dry_run_lists_stages(tiny_model, tmp_path, 
      "unknown setting(s) no_such_knob"),
     ({"eval": {"bench": ["no_such_benchmark"]}}, "no_such_benchmark"),
     ({"eval": {"plot_y": "accuracy"}}, "eval.plot_y 'accuracy' is not one of task_acc, task_nll"),
+    ({"eval": {"task_acc": False}}, "eval.task_acc is false, so there is no task accuracy to plot"),
+    ({"eval": {"offset": -1}}, "eval.offset must be >= 0"),
     ({"task": {"train": "missing/train.jsonl", "test": "builtin:arithmetic"}},
      "missing/train.jsonl"),
     ({"runs": [{"name": "a", "method": "full", "learning_rate": -1}]}, "learning_rate"),
@@ -253,18 +255,28 @@ def test_seeds_replicate_runs_and_the_report_pairs_them(tiny_model, tmp_path, ca
 
 def test_instruction_yardsticks_in_the_runner(tiny_model, tmp_path):
     """Held-out instructions give instr_kl (0 for the base, by construction) and the reference
-    responses' NLL, paired per prompt against the base."""
+    responses' NLL, paired per prompt against the base. A search split (`offset`,
+    `instruction_offset`) scores only the items from there on; `task_acc: false` skips decoding."""
     instructions = tmp_path / "instr.jsonl"
     instructions.write_text("".join(json.dumps({"prompt": f"Say {w}.", "reference": f"{w}!"}) + "\n"
-                                    for w in ("hi", "yes", "blue", "cat", "tea")))
-    ev = {"task_limit": 3, "max_new_tokens": 8, "batch_size": 4,
-          "instructions": str(instructions), "instruction_max_new_tokens": 6}
+                                    for w in ("skipped", "hi", "yes", "blue", "cat", "tea")))
+    bench = tmp_path / "mine.jsonl"
+    bench.write_text("".join(json.dumps({"context": f"{i} +", "choices": ["1", "2"], "gold": i % 2})
+                             + "\n" for i in range(6)))
+    ev = {"task_limit": 3, "max_new_tokens": 8, "batch_size": 4, "bench": [f"mine={bench}"],
+          "limit": 2, "offset": 3, "task_acc": False, "plot_y": "task_nll",
+          "instructions": str(instructions), "instruction_max_new_tokens": 6,
+          "instruction_offset": 1}
     path = write_config(tmp_path, tiny_model, eval=ev, runs=[{"name": "full", "method": "full"}])
     out = run(RunConfig(experiment=str(path), out=str(tmp_path / "e")))
     base, full = json.loads((out / "results.json").read_text())
     assert abs(base["metrics"]["instr_kl"]["value"]) < 1e-4
     assert base["metrics"]["instr_kl"]["n"] == 10  # 5 prompts x 2 responses
     assert full["metrics"]["instr_kl"]["value"] != 0
+    assert "task_acc" not in full["metrics"] and "task_nll" in full["metrics"]
+    result = json.loads(next((out / "evals").glob("full-*/result.json")).read_text())
+    assert [r["index"] for r in result["items"]["bench/mine"]["records"]] == [3, 4]
+    assert full["metrics"]["paired/mine"]["n"] == 2
     paired = full["metrics"]["paired/instr_ref_nll"]
     assert paired["n"] == 5 and paired["value"] == pytest.approx(
         full["metrics"]["instr_ref_nll"]["value"] - base["metrics"]["instr_ref_nll"]["value"])

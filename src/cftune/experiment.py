@@ -85,8 +85,12 @@ class EvalSpec:
 
     bench: list[Any] = field([], "zero-shot benchmarks: registry names, NAME=PATH, or "
                              "{name, path, template, metric} for a file of your own")
-    limit: int = field(200, "items per benchmark (the first N)")
-    task_limit: int = field(100, "task test rows scored by greedy exact match")
+    limit: int = field(200, "items per benchmark (the first N from `offset` on)")
+    offset: int = field(0, "first benchmark item scored: items [offset, offset + limit), so a "
+                        "schedule search can use items its report never shows")
+    task_limit: int = field(100, "task test rows scored (answer NLL, greedy exact match)")
+    task_acc: bool = field(True, "greedy exact-match accuracy (false: task gain from the answer "
+                           "NLL alone; decoding is the slowest metric)")
     max_new_tokens: int = field(96, "generated tokens per task answer")
     batch_size: int = field(16, "sequences per forward pass")
     score_dtype: str = field("fp32", "precision of every log-likelihood metric (KL, benchmarks, "
@@ -97,7 +101,9 @@ class EvalSpec:
     instructions: str | None = field(None, "held-out instructions (JSONL with prompt/reference, "
                                      "or the self-instruct seed format) for instr_kl and "
                                      "instr_ref_nll")
-    instruction_limit: int | None = field(None, "first N instructions (None: all)")
+    instruction_limit: int | None = field(None, "first N instructions from instruction_offset "
+                                          "on (None: all)")
+    instruction_offset: int = field(0, "first instruction used (a search split, as `offset`)")
     instruction_samples: int = field(2, "base responses (T=1) drawn per instruction")
     instruction_max_new_tokens: int = field(128, "longest base response, in tokens")
     compare: list[list[str]] = field([], "pairs [A, B] of runs (or run groups over seeds) "
@@ -110,8 +116,14 @@ class EvalSpec:
             if getattr(self, key) not in DTYPES:
                 raise CftuneError(f"eval.{key} '{getattr(self, key)}' is not one of "
                                   f"{', '.join(DTYPES)}")
+        for key in ("offset", "instruction_offset"):
+            if getattr(self, key) < 0:
+                raise CftuneError(f"eval.{key} must be >= 0 (got {getattr(self, key)})")
         if self.plot_y not in TASK_AXES:
             raise CftuneError(f"eval.plot_y '{self.plot_y}' is not one of {', '.join(TASK_AXES)}")
+        if self.plot_y == "task_acc" and not self.task_acc:
+            raise CftuneError("eval.task_acc is false, so there is no task accuracy to plot: set "
+                              "eval.plot_y: task_nll")
 
 
 @dataclass

@@ -160,6 +160,7 @@ class Runner:
 
         e = self.exp.eval
         settings = {"file": e.instructions, "limit": e.instruction_limit,
+                    "offset": e.instruction_offset,
                     "samples": e.instruction_samples, "max_new_tokens": e.instruction_max_new_tokens,
                     "doc_start": self.exp.task.doc_start, "dtype": e.score_dtype}
         folder = self.out / "cf" / f"instructions-{_key(settings, self.base_fp)}"
@@ -167,9 +168,10 @@ class Runner:
         def work() -> None:
             draw_responses(self.exp.model, e.instructions, e.instruction_samples,
                            e.instruction_max_new_tokens, out=folder, limit=e.instruction_limit,
+                           offset=e.instruction_offset,
                            batch_size=self.exp.cf.batch_size, dtype=e.score_dtype,
                            doc_start=self.exp.task.doc_start, base_fingerprint=self.base_fp)
-        n = e.instruction_samples * (e.instruction_limit or 175)
+        n = e.instruction_samples * (e.instruction_limit or 175)  # a cost estimate only
         self._add(f"generate instructions ({n} responses)", folder, work,
                   lambda: (folder / RESPONSES / "manifest.json").is_file(),
                   cost=n * e.instruction_max_new_tokens)

@@ -40,7 +40,7 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
     items: dict[str, Any] = {"kl": kl["per_sample"]}
     for bench in e.bench:
         res = run_benchmark(model, tokenizer, bench, limit=e.limit, batch_size=e.batch_size,
-                            dtype=e.score_dtype, data_dir=e.data_dir)
+                            dtype=e.score_dtype, data_dir=e.data_dir, offset=e.offset)
         name = f"bench/{res['benchmark']}"
         metrics[name] = {**_metric(res, res["primary"]), "metric": res["primary"]}
         items[name] = {"primary": res["primary"], "records": res["items"]}
@@ -53,13 +53,15 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
                                 "n": sum(m["n"] for m in primaries)}
     if instructions is not None:
         _instruction_metrics(model, tokenizer, instructions, exp, base_fp, metrics, items)
-    device = next(model.parameters()).device
-    model.to(weight_dtype(e.decode_dtype, device, inference=True))
-    acc = task_accuracy(model, tokenizer, test_file, limit=e.task_limit,
-                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                        dtype=e.decode_dtype, prompt=spec)
-    metrics = {"task_acc": _metric(acc, "acc"), **metrics}
-    items.update(task_acc=acc["correct"], task_nll=nll["per_problem"])
+    items["task_nll"] = nll["per_problem"]
+    if e.task_acc:
+        device = next(model.parameters()).device
+        model.to(weight_dtype(e.decode_dtype, device, inference=True))
+        acc = task_accuracy(model, tokenizer, test_file, limit=e.task_limit,
+                            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                            dtype=e.decode_dtype, prompt=spec)
+        metrics = {"task_acc": _metric(acc, "acc"), **metrics}
+        items["task_acc"] = acc["correct"]
     return {"model": str(model_spec), "name": name, "metrics": metrics, "items": items}
 
 

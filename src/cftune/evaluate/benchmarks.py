@@ -387,14 +387,20 @@ def read_docs(bench: Benchmark, path: Path) -> list[Doc]:
     return docs
 
 
-def subset(n_total: int, limit: int | None, seed: int = 0) -> list[int]:
-    """The fixed item indices for `--limit`: the first `limit` items (seed 0 keeps file order), or
-    a seeded random sample of them; always sorted so the subset reads like the file."""
-    if limit is None or limit >= n_total:
-        return list(range(n_total))
+def subset(n_total: int, limit: int | None, seed: int = 0, offset: int = 0) -> list[int]:
+    """The fixed item indices for `--limit`: the first `limit` items from `offset` on (seed 0
+    keeps file order), or a seeded random sample of the items from `offset` on; always sorted so
+    the subset reads like the file. An offset keeps a split apart: choosing a schedule on items
+    [500, 1000) does not inflate what is reported on [0, 500)."""
+    if not 0 <= offset < n_total:
+        raise CftuneError(f"offset {offset} leaves no items (the benchmark has {n_total}); "
+                          f"use an offset below {n_total}")
+    pool = range(offset, n_total)
+    if limit is None or limit >= len(pool):
+        return list(pool)
     if seed == 0:
-        return list(range(limit))
-    return sorted(random.Random(seed).sample(range(n_total), limit))
+        return list(pool[:limit])
+    return sorted(random.Random(seed).sample(pool, limit))
 
 
 def _format(bench: Benchmark, doc: Doc, **extra: str) -> str:
@@ -447,14 +453,18 @@ class LoadedBenchmark:
 
 
 def load(name_or_path: str | dict | Benchmark, limit: int | None = None, data_dir: str | Path | None = None,
-         seed: int = 0) -> LoadedBenchmark:
-    """Read, validate and template a benchmark; `limit` keeps a fixed subset (first N by
-    default). A limit above the set size is clamped with a note, not an error."""
+         seed: int = 0, offset: int = 0) -> LoadedBenchmark:
+    """Read, validate and template a benchmark; `limit` keeps a fixed subset (first N from
+    `offset` on by default). A limit above the set size is clamped with a note, not an error."""
     bench, path = resolve(name_or_path, data_dir)
     docs = read_docs(bench, path)
-    if limit is not None and limit > len(docs):
-        print(f"cftune eval: {bench.name}: --limit {limit} is more than the {len(docs)} items "
-              f"in {path}; using all {len(docs)}")
-    indices = subset(len(docs), limit, seed)
+    if limit is not None and offset + limit > len(docs):
+        start = f" from item {offset}" if offset else ""
+        print(f"cftune eval: {bench.name}: --limit {limit}{start} is more than the {len(docs)} "
+              f"items in {path}; using {max(len(docs) - offset, 0)}")
+    try:
+        indices = subset(len(docs), limit, seed, offset)
+    except CftuneError as e:
+        raise CftuneError(f"{bench.name} ({path}): {e}") from None
     items = [build_item(bench, docs[i]) for i in indices]
     return LoadedBenchmark(bench, path, items, len(docs), indices)

@@ -85,9 +85,10 @@ def _self_instruct_row(rec: dict, where: str) -> Instruction:
 
 
 def read_instructions(path: str | Path, prompt_field: str = "prompt",
-                      reference_field: str = "reference", limit: int | None = None
-                      ) -> list[Instruction]:
-    """The first `limit` instructions of a JSONL file (shape detected from the first record).
+                      reference_field: str = "reference", limit: int | None = None,
+                      offset: int = 0) -> list[Instruction]:
+    """The first `limit` instructions of a JSONL file from record `offset` on (shape detected
+    from the first record; every record is validated, skipped ones too).
 
     A missing or empty prompt, a reference that is not text, or a self-instruct row without
     instances is a one-line `CftuneError` naming the file and line. A blank reference counts as
@@ -112,11 +113,12 @@ def read_instructions(path: str | Path, prompt_field: str = "prompt",
             prompt = _text(rec, prompt_field, where, True, hint)
             reference = _text(rec, reference_field, where, False, hint)
             rows.append(Instruction(prompt, reference if reference and reference.strip() else None))
-        if limit is not None and len(rows) >= limit:
+        if limit is not None and len(rows) >= offset + limit:
             break
-    if not rows:
-        raise CftuneError(f"instructions file {path} is empty (no records)")
-    return rows
+    if len(rows) <= offset:
+        raise CftuneError(f"instructions file {path} has {len(rows)} records, none from offset "
+                          f"{offset} on" if rows else f"instructions file {path} is empty (no records)")
+    return rows[offset:]
 
 
 def instructions_digest(rows: Sequence[Instruction]) -> str:
@@ -144,7 +146,7 @@ def responses_key(base_fingerprint: str, instructions: str | Path, settings: dic
 
 def draw_responses(base: str, instructions: str | Path, samples_per_prompt: int = 2,
                    max_new_tokens: int = 128, out: str | Path | None = None,
-                   limit: int | None = None, prompt_field: str = "prompt",
+                   limit: int | None = None, offset: int = 0, prompt_field: str = "prompt",
                    reference_field: str = "reference", seed: int = 0, batch_size: int = 16,
                    dtype: str = "fp32", device: str = "auto", doc_start: str | None = None,
                    base_fingerprint: str | None = None) -> Path:
@@ -161,9 +163,9 @@ def draw_responses(base: str, instructions: str | Path, samples_per_prompt: int 
     if samples_per_prompt <= 0 or max_new_tokens <= 0:
         raise CftuneError(f"instruction samples ({samples_per_prompt}) and max_new_tokens "
                           f"({max_new_tokens}) must be > 0")
-    rows = read_instructions(instructions, prompt_field, reference_field, limit)
+    rows = read_instructions(instructions, prompt_field, reference_field, limit, offset)
     spec = instruction_spec(load_tokenizer(base), doc_start)
-    settings = {"limit": limit, "fields": [prompt_field, reference_field],
+    settings = {"limit": limit, "offset": offset, "fields": [prompt_field, reference_field],
                 "samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens,
                 "seed": seed, "prompt": dataclasses.asdict(spec), "dtype": dtype,
                 "device": resolve_device(device).type}

@@ -238,14 +238,23 @@ def primary_value(result: dict) -> float:
     return result[primary]
 
 
+def describe_subset(n: int, n_total: int, seed: int, offset: int) -> str:
+    """What a subset is, in words: "all", "first 200", "items [500, 1000)", "200 drawn with seed 3"."""
+    if n == n_total:
+        return "all"
+    if seed:
+        return f"{n} drawn with seed {seed}" + (f" from item {offset} on" if offset else "")
+    return f"items [{offset}, {offset + n})" if offset else f"first {n}"
+
+
 def run_benchmark(model, tokenizer, name_or_path: str | dict | Benchmark, limit: int | None = None,
                   batch_size: int = 16, dtype: str = "fp32", data_dir: str | Path | None = None,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, offset: int = 0) -> dict:
     """Score one benchmark (registry name, JSONL path, NAME=PATH or a `Benchmark`): acc,
     acc_stderr, acc_norm (multiple choice) or perplexity and loglik (last word), n, items/s, what
     was scored (file, shape, subset), `primary` (the metric to report: acc or acc_norm) and
     `items`, the per-item records (`mc_records`, `last_word_records`) paired comparisons need."""
-    loaded = load(name_or_path, limit, data_dir, seed)
+    loaded = load(name_or_path, limit, data_dir, seed, offset)
     bench = loaded.bench
     start = time.perf_counter()
     scored = score_items(model, tokenizer, loaded.items, batch_size, dtype, desc=bench.name)
@@ -258,8 +267,7 @@ def run_benchmark(model, tokenizer, name_or_path: str | dict | Benchmark, limit:
         records = mc_records(loaded.items, scored, loaded.indices, bench.primary, bench.partial)
     out.update(benchmark=bench.name, primary=bench.primary, shape=loaded.shape,
                file=str(loaded.path), n_total=loaded.n_total,
-               subset="all" if len(loaded.items) == loaded.n_total else
-               (f"first {len(loaded.items)}" if seed == 0 else f"{len(loaded.items)} drawn with seed {seed}"),
+               subset=describe_subset(len(loaded.items), loaded.n_total, seed, offset),
                seconds=seconds, items_per_s=len(loaded.items) / max(seconds, 1e-9), items=records)
     print(f"cftune eval: {bench.name}: {len(loaded.items)} items in {seconds:.1f} s "
           f"({out['items_per_s']:.2f} items/s), {bench.primary} {out[bench.primary]:.4f}")

@@ -70,6 +70,8 @@ class EvalConfig:
     limit: int | None = field(None, "items per benchmark / task rows / perplexity docs / "
                               "instructions (a fixed subset)")
     seed: int = field(0, "subset for --limit: 0 = the first N items, else a seeded draw of N")
+    offset: int = field(0, "benchmark items and instructions start at this index: items "
+                        "[offset, offset + limit), a split apart from the first N")
     num_fewshot: int = field(0, "few-shot examples before each task question")
     fewshot_file: str | None = field(None, "GSM8K-format file the few-shot examples come from")
     task_prompt: str = field("qa", "task prompt, as in training: qa ('Question: …\\nAnswer:') | "
@@ -102,6 +104,8 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"{name} must be > 0 (got {value})")
+        if self.offset < 0:
+            problems.append(f"offset must be >= 0 (got {self.offset})")
         if self.num_fewshot < 0:
             problems.append(f"num_fewshot must be >= 0 (got {self.num_fewshot})")
         for name in ("score_dtype", "decode_dtype"):
@@ -171,9 +175,10 @@ def _evaluate_model(config: EvalConfig, spec: str, fp: str, tokenizer, base_fp: 
     for name in config.bench:
         bench, path = benchmarks.resolve(name, config.data_dir)
         key = {"kind": "bench", "data": benchmarks.content_hash(path, bench),
-               "limit": config.limit, "seed": config.seed, **scoring}
+               "limit": config.limit, "seed": config.seed, "offset": config.offset, **scoring}
         out.append(("bench", bench.name, _cached(use, fp, key, lambda name=name: run_benchmark(
-            model, tokenizer, name, config.limit, bs, dt, config.data_dir, config.seed))))
+            model, tokenizer, name, config.limit, bs, dt, config.data_dir, config.seed,
+            config.offset))))
     if config.task:
         key = {"kind": "task_nll", "data": file_hash(config.task), "limit": config.limit,
                "prompt": dataclasses.asdict(prompt), **scoring}
@@ -214,6 +219,7 @@ def instruction_responses(config: EvalConfig, base_fp: str) -> Path | None:
         return None
     return draw_responses(config.base, config.instructions, config.instruction_samples,
                           config.instruction_max_new_tokens, limit=config.limit,
+                          offset=config.offset,
                           prompt_field=config.instruction_prompt_field,
                           reference_field=config.instruction_reference_field,
                           batch_size=config.batch_size, dtype=config.score_dtype,
