@@ -95,6 +95,8 @@ def test_sweep_expands_into_runs_and_dry_run_lists_stages(tiny_model, tmp_path, 
     ({"eval": {"plot_y": "accuracy"}}, "eval.plot_y 'accuracy' is not one of task_acc, task_nll"),
     ({"eval": {"task_acc": False}}, "eval.task_acc is false, so there is no task accuracy to plot"),
     ({"eval": {"offset": -1}}, "eval.offset must be >= 0"),
+    ({"seeds": [0, 1], "runs": [{"name": "a", "method": "full", "seeds": [2]}]},
+     "runs[0]: seeds [2] are not among the experiment's `seeds` [0, 1]"),
     ({"task": {"train": "missing/train.jsonl", "test": "builtin:arithmetic"}},
      "missing/train.jsonl"),
     ({"runs": [{"name": "a", "method": "full", "learning_rate": -1}]}, "learning_rate"),
@@ -229,10 +231,13 @@ def test_seeds_replicate_runs_and_the_report_pairs_them(tiny_model, tmp_path, ca
 
     ev = {"task_limit": 3, "max_new_tokens": 8, "batch_size": 4, "compare": [["full", "cfs"]]}
     path = write_config(tmp_path, tiny_model, seeds=[0, 1], eval=ev, runs=[
-        {"name": "full", "method": "full"}, {"name": "cfs", "method": "cfs"}])
+        {"name": "full", "method": "full"}, {"name": "cfs", "method": "cfs"},
+        {"name": "wise", "method": "wise-ft", "of": "full", "alphas": [0.5], "seeds": [1]}])
     out = run(RunConfig(experiment=str(path), out=str(tmp_path / "e")))
     rows = {r["run"]: r for r in json.loads((out / "results.json").read_text())}
     assert {"full-s0", "full-s1", "cfs-s0", "cfs-s1", "full (2 seeds)", "cfs (2 seeds)"} <= set(rows)
+    wise = [r for r in rows if r.startswith("wise")]  # a run's own seeds: one copy, no group row
+    assert wise == ["wise-a0.5-s1"] and rows["wise-a0.5-s1"]["parent"] == "full-s1"
     pools = sorted((out / "cf").glob("cf-pool-s*"))
     assert len(pools) == 2 and read_manifest(pools[0])["sampling"]["seed"] != \
         read_manifest(pools[1])["sampling"]["seed"]

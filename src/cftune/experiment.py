@@ -13,10 +13,11 @@ Config (YAML; unknown keys are errors, with the nearest allowed key suggested):
     runs:
       - {name: full, method: full}
       - {name: cfs, method: cfs, sweep: {cfs_ratio: [0.5, 1]}}             # → cfs-cfs_ratio=0.5 …
-      - {name: wise, method: wise-ft, of: full, alphas: [0.25, 0.5, 0.75]}
+      - {name: wise, method: wise-ft, of: full, alphas: [0.25, 0.5, 0.75], seeds: [0]}
 
-Every training run sees the same task examples per step (`batch_size` × `grad_accum`; a second
-stream comes on top), which the config check enforces.
+A run's own `seeds` (a subset of the experiment's) replicates it over those only: the costly
+comparison over three seeds, the rest on one. Every training run sees the same task examples per
+step (`batch_size` × `grad_accum`; a second stream comes on top), which the config check enforces.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from cftune.train import TrainConfig, cf_draws
 WISE_FT = "wise-ft"
 CF_METHODS = ("cfs", "kd")  # methods that consume the CF training pool
 STREAM_METHODS = CF_METHODS + ("contextual", "replay")  # methods with a second data stream
-RUN_KEYS = ("name", "method", "of", "alphas", "sweep")
+RUN_KEYS = ("name", "method", "of", "alphas", "sweep", "seeds")
 PROMPTS = ("chat", "qa")  # task prompt formats (cftune.prompts), the same in every stage
 
 
@@ -212,6 +213,7 @@ class Experiment:
             if not isinstance(run, dict) or "name" not in run or "method" not in run:
                 raise CftuneError(f"{where}: each run needs a `name` and a `method`")
             settings = {k: v for k, v in run.items() if k not in RUN_KEYS}
+            seeds = self._run_seeds(run.get("seeds"), where)
             if run["method"] == WISE_FT:
                 if "of" not in run or "alphas" not in run:
                     raise CftuneError(f"{where}: a wise-ft run needs `of` (a run name) and `alphas`")
@@ -220,7 +222,7 @@ class Experiment:
                                       f"({', '.join(sorted(settings))})")
                 for a in run["alphas"]:
                     out.append({"name": f"{run['name']}-a{a}", "method": WISE_FT,
-                                "of": str(run["of"]), "alpha": float(a)})
+                                "of": str(run["of"]), "alpha": float(a), "seeds": seeds})
                 continue
             self._check_train_keys({**settings, "method": run["method"]}, where)
             sweep = run.get("sweep") or {}
@@ -231,7 +233,7 @@ class Experiment:
                 for v in values:
                     name = run["name"] if key is None else f"{run['name']}-{key}={v}"
                     extra = {} if key is None else {key: v}
-                    out.append({"name": name, "method": run["method"],
+                    out.append({"name": name, "method": run["method"], "seeds": seeds,
                                 "settings": {**self.train_defaults, **settings, **extra}})
         out = self._replicate(out)
         names = [r["name"] for r in out]
@@ -248,15 +250,31 @@ class Experiment:
                 self.train_config(r)
         return out
 
+    def _run_seeds(self, value: Any, where: str) -> list[int]:
+        """A run's own `seeds` (a subset of the experiment's: the costly runs replicated, the
+        rest on the first seed); by default every seed."""
+        if value is None:
+            return self.seeds
+        seeds = self._seeds(value)
+        extra = sorted(set(seeds) - set(self.seeds))
+        if extra:
+            raise CftuneError(f"{where}: seeds {extra} are not among the experiment's `seeds` "
+                              f"{self.seeds}; a run replicates over a subset of them")
+        return seeds
+
     def _replicate(self, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One copy of each run per seed: named `NAME-sSEED` when there are several seeds, with
-        `group` = NAME (what the report averages over) and `seed`; a Wise-FT run merges the
-        copy of its parent with the same seed."""
+        """One copy of each run per seed (the run's own `seeds`, else every seed): named
+        `NAME-sSEED` when the experiment has several seeds, with `group` = NAME (what the report
+        averages over) and `seed`; a Wise-FT run merges the copy of its parent with the same
+        seed."""
         out = []
         for s in self.seeds:
             tag = f"-s{s}" if len(self.seeds) > 1 else ""
             for r in runs:
-                copy = {**r, "name": r["name"] + tag, "group": r["name"], "seed": s}
+                if s not in r["seeds"]:
+                    continue
+                copy = {k: v for k, v in r.items() if k != "seeds"}
+                copy.update(name=r["name"] + tag, group=r["name"], seed=s)
                 if r["method"] == WISE_FT:
                     copy["of"] = r["of"] + tag
                 out.append(copy)

@@ -329,7 +329,7 @@ class Runner:
         groups = _groups(rows)
         if len(self.exp.seeds) > 1:
             for group, members in groups.items():
-                if group == "base":
+                if group == "base" or len(members) < 2:  # a one-seed run is its own row
                     continue
                 first = members[0]
                 rows.append({**{k: first.get(k) for k in ("method", "alpha")},
