@@ -1,5 +1,6 @@
 """Training throughput: cftune `full` against the plain transformers `Trainer` a user would write,
-and the step time of `kd` against `mix` (issue 3, "Speed"). Prints one JSON line of figures.
+the step time of `kd` against `mix` (issue 3, "Speed"), and the chunked output-layer loss against
+the full logits (tokens/s and peak memory, each run in its own process). Prints one JSON line.
 
 Same model, examples (tokenised once by `cftune.data`), batch size, dtype and number of steps for
 both engines; the plain run uses `DataCollatorForSeq2Seq` (padding to the longest row of randomly
@@ -8,6 +9,8 @@ the steps after the first (warm-up excluded). Targets: cftune/plain >= 1.3, kd/m
 
     flock /tmp/cftune-cpu.lock .venv/bin/python benchmarks/train_throughput.py --only throughput
     flock /tmp/cftune-cpu.lock .venv/bin/python benchmarks/train_throughput.py --only kd
+    flock /tmp/cftune-cpu.lock .venv/bin/python benchmarks/train_throughput.py --only chunked \
+        --method cfs --batch-size 16
 
 Task data: GSM8K's train split from ../shared/data when present (varied lengths, as real task
 data has), else the built-in arithmetic task.
@@ -88,6 +91,28 @@ def cftune_run(config: TrainConfig) -> tuple[float, float]:
     return tokens / seconds, statistics.mean(r["seconds"] for r in steps)
 
 
+def _measure_child(config: dict, queue) -> None:
+    import resource
+
+    tokens_per_s, step_s = cftune_run(TrainConfig(**config))
+    queue.put((tokens_per_s, step_s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+
+
+def isolated_run(config: TrainConfig) -> tuple[float, float, float]:
+    """(tokens/s, mean step seconds, peak RSS GiB) of a cftune run in a fresh process, so the
+    peak memory is this run's alone."""
+    import dataclasses
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_measure_child, args=(dataclasses.asdict(config), queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -97,7 +122,10 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--topk", type=int, default=20)
-    p.add_argument("--only", choices=("throughput", "kd"), help="run one of the two comparisons")
+    p.add_argument("--only", choices=("throughput", "kd", "chunked"),
+                   help="run one comparison (default: throughput and kd)")
+    p.add_argument("--method", default="full", choices=("full", "cfs"),
+                   help="method of the chunked-loss comparison (cfs: batch_size CF rows on top)")
     a = p.parse_args()
     torch.manual_seed(0)
     root = Path(tempfile.mkdtemp(prefix="cftune-bench-"))
@@ -111,6 +139,24 @@ def main() -> None:
     figures: dict[str, float | int | str] = {"task": "gsm8k" if GSM8K.is_file() else "arithmetic",
                                              "steps": a.steps, "batch_size": a.batch_size,
                                              "dtype": a.dtype}
+    if a.only == "chunked":
+        cf = {}
+        if a.method == "cfs":
+            cf = {"cfs": str(generate(GenerateConfig(
+                model=a.model, out=str(root / "cf"), device="cpu", num_samples=a.steps * a.batch_size,
+                max_new_tokens=a.max_length, dtype=a.dtype)))}
+        for chunked in (True, False):
+            tps, step_s, peak = isolated_run(TrainConfig(
+                out=str(root / f"chunked-{chunked}"), method=a.method, chunked_loss=chunked,
+                **cf, **common))
+            tag = "chunked" if chunked else "full_logits"
+            figures.update({f"{tag}_tokens_per_s": round(tps, 1), f"{tag}_step_s": round(step_s, 3),
+                            f"{tag}_peak_gib": round(peak, 2)})
+        figures.update(method=a.method, speed_ratio=round(
+            figures["chunked_tokens_per_s"] / figures["full_logits_tokens_per_s"], 3),
+            memory_ratio=round(figures["chunked_peak_gib"] / figures["full_logits_peak_gib"], 3))
+        print(json.dumps(figures))
+        return
     if a.only != "kd":
         figures["plain_tokens_per_s"], figures["plain_padding_pct"] = plain_trainer(full, examples)
         figures["cftune_tokens_per_s"], _ = cftune_run(full)

@@ -217,6 +217,20 @@ def test_kd_starts_at_zero_divergence_from_the_base(files, tmp_path):
     assert cfs[0]["cf_loss"] > 1.0  # the sampled-token NLL is the entropy, far from 0
 
 
+@pytest.mark.parametrize("method", ["kd", "flow"])
+def test_chunked_loss_trains_as_the_full_logits_do(files, tmp_path, method):
+    """cftune.head_loss (the default) and the model's full logits give the same training run."""
+    logs = [read_log(train(config(files, tmp_path / f"{method}-{chunked}", method=method,
+                                  max_steps=3, chunked_loss=chunked)))
+            for chunked in (True, False)]
+    losses = [[r for r in log if "task_loss" in r] for log in logs]
+    assert len(losses[0]) == 3
+    for a, b in zip(*losses):
+        for key in ("task_loss", "cf_loss", "grad_norm"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+
+
 @pytest.mark.parametrize("method, extra", [
     ("full", {"gradient_checkpointing": True, "grad_accum": 2}), ("l2", {"l2_lambda": 0.5}),
     ("flow", {}), ("replay", {}), ("contextual", {}), ("cfs", {"lora": True, "lora_rank": 2}),

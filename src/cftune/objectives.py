@@ -37,10 +37,15 @@ def nll(logits: torch.Tensor, labels: torch.Tensor,
     tokens (FLOW); the count stays unweighted so weights of mean 1 keep the loss scale.
     """
     picked, target, mask = _targets(logits, labels)
+    w = weights[:, None].expand_as(mask)[mask] if weights is not None else None
+    return nll_at(picked, target, w), mask.sum()
+
+
+def nll_at(picked: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """Σ w · (−log p(target)) of logits at target positions [N, V] (fp32), targets [N], w [N]."""
     losses = F.cross_entropy(picked, target, reduction="none")
-    if weights is not None:
-        losses = losses * weights[:, None].expand_as(mask)[mask]
-    return losses.sum(), mask.sum()
+    return (losses * weights if weights is not None else losses).sum()
 
 
 def topk_kd(logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor,
@@ -58,8 +63,13 @@ def topk_kd(logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor,
     labels[:, t] was drawn from).
     """
     picked, _, mask = _targets(logits, labels)
-    ids = topk_ids[:, 1:][mask]  # [N, K]
-    base_lp = topk_logprobs[:, 1:][mask].double()
+    return topk_kd_at(picked, topk_ids[:, 1:][mask], topk_logprobs[:, 1:][mask]), mask.sum()
+
+
+def topk_kd_at(picked: torch.Tensor, ids: torch.Tensor, base_logprobs: torch.Tensor) -> torch.Tensor:
+    """`topk_kd`'s sum from logits at target positions [N, V] (fp32) and the base's top-K ids
+    and log-probs there [N, K]."""
+    base_lp = base_logprobs.double()
     model_lp = torch.log_softmax(picked, dim=-1)
     model_top = model_lp.gather(-1, ids).double()
     # The stored tokens get a huge negative log-prob rather than −inf, and the tail mass a floor of
@@ -70,7 +80,7 @@ def topk_kd(logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor,
     base_tail = (1.0 - base_p.sum(-1)).clamp_min(0.0)  # stored log-probs are rounded: Σp may top 1
     kl_top = (base_p * (base_lp - model_top)).sum(-1)
     kl_tail = torch.xlogy(base_tail, base_tail) - base_tail * model_tail
-    return (kl_top + kl_tail).sum().to(picked.dtype), mask.sum()
+    return (kl_top + kl_tail).sum().to(picked.dtype)
 
 
 def l2_to_init(params: Iterable[torch.Tensor], init: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from cftune import data, objectives
+from cftune import data, head_loss, objectives
 from cftune.config import field, to_dict
 from cftune.errors import CftuneError, did_you_mean
 from cftune.locking import output_locked
@@ -77,7 +77,7 @@ METHODS: dict[str, Method] = {
 MODES = ("mix", "weighted")
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 # Fields that do not change the trained model: ignored when deciding whether a run is done.
-NOT_A_SETTING = ("resume", "overwrite", "keep_checkpoints")
+NOT_A_SETTING = ("resume", "overwrite", "keep_checkpoints", "chunked_loss")
 
 
 @dataclass
@@ -128,6 +128,9 @@ class TrainConfig:
     weight_decay: float = field(0.0, help="AdamW weight decay")
     max_grad_norm: float = field(1.0, help="gradient clipping norm (0: off)")
     gradient_checkpointing: bool = field(False, help="recompute activations to save memory")
+    chunked_loss: bool = field(True, help="loss from hidden states, the output layer applied to "
+                               "chunks of target positions (cftune.head_loss): never the whole "
+                               "[tokens x vocabulary] logits; false: the model's full logits")
     dtype: str = field("bf16", help="fp32, bf16 or fp16 autocast (weights stay fp32)")
     device: str = field("auto", help="auto, cpu, cuda or mps")
     seed: int = field(0, help="seed of initialisation, data order and CF mixing")
@@ -278,16 +281,22 @@ def trainer_class() -> type:
             labels, source = inputs["labels"], inputs["source"]
             n = num_items_in_batch if num_items_in_batch is not None else \
                 _stream_counts(labels, source).to(labels.device)
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                            use_cache=False)
+            batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                     "use_cache": False}
+            head = self._head(model)
+            if head is None:  # the token losses read the full logits
+                outputs = model(**batch)
+                x, losses = outputs.logits, objectives
+            else:  # the same losses from hidden states, the output layer applied in chunks
+                x, outputs = head_loss.hidden_states(model, head, **batch)
+                losses = head_loss.bound(head)
             k = int((source == data.TASK).sum())  # task rows come first (Collator)
-            logits = outputs.logits
-            task_sum, task_n = objectives.nll(logits[:k], labels[:k], inputs["weight"][:k])
+            task_sum, task_n = losses.nll(x[:k], labels[:k], inputs["weight"][:k])
             if spec.kd:
-                cf_sum, cf_n = objectives.topk_kd(logits[k:], labels[k:], inputs["topk_ids"][k:],
-                                                  inputs["topk_logprobs"][k:])
+                cf_sum, cf_n = losses.topk_kd(x[k:], labels[k:], inputs["topk_ids"][k:],
+                                              inputs["topk_logprobs"][k:])
             else:
-                cf_sum, cf_n = objectives.nll(logits[k:], labels[k:])
+                cf_sum, cf_n = losses.nll(x[k:], labels[k:])
             n_task, n_cf = n[0].clamp_min(1), n[1].clamp_min(1)
             if cfg.cfs_mode == "mix":
                 loss = (task_sum + cf_sum) / (n[0] + n[1]).clamp_min(1)
@@ -308,6 +317,12 @@ def trainer_class() -> type:
             m["cf_n"] += int(cf_n)
             m["tokens"] += int(inputs["attention_mask"].sum())
             return (loss, outputs) if return_outputs else loss
+
+        def _head(self, model) -> head_loss.Head | None:
+            """The output layer for the chunked loss (None: off, or a head it cannot handle)."""
+            if not hasattr(self, "_head_cache"):
+                self._head_cache = head_loss.head_of(model) if self.cftune.chunked_loss else None
+            return self._head_cache
 
         def save_model(self, output_dir=None, _internal_call=False):
             super().save_model(output_dir, _internal_call)
