@@ -112,7 +112,7 @@ def _trainer(files, tmp_path, **kw):
     ds, _ = build_data(cfg, tok)
     model = load_model(cfg.model, device="cpu")
     collator = data.Collator(tok.pad_token_id, kd=cfg.spec.kd)
-    trainer = trainer_class()(model=model, args=training_arguments(cfg, tmp_path / "t"),
+    trainer = trainer_class()(model=model, args=training_arguments(cfg, tmp_path / "t", cfg.dtype),
                               train_dataset=ds, data_collator=collator, cftune=cfg,
                               log_path=tmp_path / "log.jsonl")
     return trainer, model, ds, collator

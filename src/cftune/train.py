@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from cftune import data, head_loss, objectives
+from cftune import data, head_loss, objectives, precision
 from cftune.config import field, to_dict
 from cftune.errors import CftuneError, did_you_mean
 from cftune.locking import output_locked
@@ -131,7 +131,8 @@ class TrainConfig:
     chunked_loss: bool = field(True, help="loss from hidden states, the output layer applied to "
                                "chunks of target positions (cftune.head_loss): never the whole "
                                "[tokens x vocabulary] logits; false: the model's full logits")
-    dtype: str = field("bf16", help="fp32, bf16 or fp16 autocast (weights stay fp32)")
+    dtype: str = field("auto", help="fp32, bf16 or fp16 autocast (weights stay fp32); auto: bf16 "
+                       "on GPUs, on CPUs the faster of fp32 and bf16 (measured once, cached)")
     device: str = field("auto", help="auto, cpu, cuda or mps")
     seed: int = field(0, help="seed of initialisation, data order and CF mixing")
     group_batches: int = field(16, help="length grouping window, in batches (1: no grouping)")
@@ -176,7 +177,7 @@ class TrainConfig:
         one_of("prompt_format", data.PROMPT_FORMATS)
         one_of("overlong", data.OVERLONG)
         one_of("lr_schedule", SCHEDULES)
-        one_of("dtype", DTYPES)
+        one_of("dtype", (*DTYPES, precision.AUTO))
         for key in ("cfs_ratio", "cfs_lambda", "l2_lambda", "weight_decay", "max_grad_norm",
                     "warmup", "flow_temperature", "lora_dropout", "epochs"):
             if getattr(self, key) < 0:
@@ -559,8 +560,10 @@ def build_eval_data(config: TrainConfig, tokenizer) -> data.ExampleDataset:
     return data.ExampleDataset(task, cf)
 
 
-def apply_flow_weights(model, dataset: data.ExampleDataset, config: TrainConfig) -> dict[str, float]:
-    """Set each task example's weight from the base model's mean token loss on it (FLOW)."""
+def apply_flow_weights(model, dataset: data.ExampleDataset, config: TrainConfig, dtype: str
+                       ) -> dict[str, float]:
+    """Set each task example's weight from the base model's mean token loss on it (FLOW),
+    scored in the training precision `dtype`."""
     from cftune.scoring import score_continuations
 
     task = dataset.examples[:dataset.n_task]
@@ -571,7 +574,7 @@ def apply_flow_weights(model, dataset: data.ExampleDataset, config: TrainConfig)
         masks.append(torch.tensor([t != -100 for t in e["labels"][first:]]))
     was_training = model.training
     model.eval()
-    scored = score_continuations(model, requests, batch_size=config.batch_size, dtype=config.dtype,
+    scored = score_continuations(model, requests, batch_size=config.batch_size, dtype=dtype,
                                  pad_id=0, desc="FLOW: base losses")
     model.train(was_training)
     losses = torch.stack([-s.token_logprobs[m].mean() for s, m in zip(scored, masks)])
@@ -603,11 +606,12 @@ def build_model(config: TrainConfig):
     return model, anchors
 
 
-def training_arguments(config: TrainConfig, out: Path):
+def training_arguments(config: TrainConfig, out: Path, dtype: str):
+    """The Trainer's arguments; `dtype` is `config.dtype` resolved (never `auto`)."""
     from transformers import TrainingArguments
 
     device = resolve_device(config.device)
-    half = config.dtype != "fp32"
+    half = dtype != "fp32"
     return TrainingArguments(
         output_dir=str(out / CHECKPOINTS), max_steps=config.max_steps if config.max_steps else -1,
         num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
@@ -620,8 +624,8 @@ def training_arguments(config: TrainConfig, out: Path):
         data_seed=config.seed, use_cpu=device.type == "cpu",
         # On CPU "bf16" is bf16 autocast over fp32 weights (cftune.models.autocast); fp16 autocast
         # has no CPU kernels worth using, so it maps to bf16 there too.
-        bf16=half and (config.dtype == "bf16" or device.type == "cpu"),
-        fp16=half and config.dtype == "fp16" and device.type != "cpu",
+        bf16=half and (dtype == "bf16" or device.type == "cpu"),
+        fp16=half and dtype == "fp16" and device.type != "cpu",
         logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
         eval_strategy="steps" if config.eval_steps else "no", eval_steps=config.eval_steps or None,
@@ -728,8 +732,9 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), trainer_cls: type 
               f"({c.truncated} truncated, {c.dropped} dropped), {c.target_tokens} target tokens")
     warn_if_cf_repeats(config, counts)
     model, anchors = build_model(config)
-    flow = apply_flow_weights(model, train_ds, config) if config.spec.flow else None
-    args = training_arguments(config, out)
+    dtype, chosen = precision.resolve(config.dtype, resolve_device(config.device))
+    flow = apply_flow_weights(model, train_ds, config, dtype) if config.spec.flow else None
+    args = training_arguments(config, out, dtype)
     trainer = (trainer_cls or trainer_class())(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=data.Collator(pad_id, kd=config.spec.kd), processing_class=tokenizer,
@@ -741,7 +746,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), trainer_cls: type 
     trainer.add_callback(_no_final_checkpoint_class())
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
-    facts = {"flow_weights": flow, "cf_pool": pool,
+    facts = {"flow_weights": flow, "cf_pool": pool, "precision": chosen,
              "doc_start_ids": known_doc_start(tokenizer, config.doc_start)}
     return _save(trainer, tokenizer, config, out, inputs, counts, facts, result,
                  time.perf_counter() - started)
