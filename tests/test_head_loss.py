@@ -100,3 +100,20 @@ def test_unsupported_head_falls_back_to_full_logits(tiny_model):
     model = _load(tiny_model)
     model.config.logit_scale = 0.5  # a Cohere-style scaled head: not what the chunked loss computes
     assert head_loss.head_of(model) is None
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_scoring_reads_logits_only_at_continuations_and_agrees(tiny_model_tied, dtype):
+    """score_continuations through the output layer at continuation positions only gives the
+    log-probs of the model's full logits."""
+    from cftune.scoring import score_continuations
+
+    model = _load(tiny_model_tied).eval()
+    requests = [([5, 6, 7, 8], [9, 10]), ([5], [11, 12, 13, 14, 15]), ([7, 8, 9], [4])]
+    scored = score_continuations(model, requests, batch_size=2, dtype=dtype)
+    for (ctx, cont), s in zip(requests, scored):
+        with torch.no_grad(), autocast(torch.device("cpu"), dtype):
+            logits = model(input_ids=torch.tensor([ctx + cont])).logits[0]
+        logp = torch.log_softmax(logits.double(), -1)
+        expected = [float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)]
+        assert s.token_logprobs.tolist() == pytest.approx(expected, abs=1e-4 if dtype == "fp32" else 2e-2)

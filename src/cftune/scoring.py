@@ -45,8 +45,13 @@ def score_continuations(
     out-of-memory error shows up on the first batch. Contexts are cut from the left when
     context + continuation exceeds `max_length` (the model's limit by default); the context must
     hold at least one token, since the first continuation token needs something to condition on.
+    Where `cftune.head_loss` supports the model's output layer, logits are computed only at each
+    row's continuation positions (never the batch's whole [rows × width × vocabulary] logits).
     """
+    from cftune.head_loss import head_of, hidden_states
+
     device = next(model.parameters()).device
+    head = head_of(model)
     if max_length is None:
         max_length = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     prepared = []
@@ -67,13 +72,22 @@ def score_continuations(
             ids = prepared[i][0][:-1]
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
+        batch = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
         with autocast(device, dtype):
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            if head is None:
+                logits = model(**batch).logits
+            else:
+                hidden, _ = hidden_states(model, head, **batch)
         for row, i in enumerate(idx):
             ids, n_cont = prepared[i]
             n_in = len(ids) - 1
             positions = slice(n_in - n_cont, n_in)
-            logp = torch.log_softmax(logits[row, positions].double(), dim=-1)
+            if head is None:
+                row_logits = logits[row, positions]
+            else:
+                with autocast(device, dtype):
+                    row_logits = head.logits(hidden[row, positions])
+            logp = torch.log_softmax(row_logits.double(), dim=-1)
             target = torch.tensor(ids[-n_cont:], device=logp.device)
             token_lp = logp.gather(-1, target[:, None])[:, 0].cpu()
             greedy = bool((logp.argmax(-1) == target).all())
