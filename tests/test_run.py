@@ -116,6 +116,19 @@ def test_only_runs_what_the_named_run_needs(tiny_model, tmp_path, capsys):
                   dry_run=True))
     out = capsys.readouterr().out
     assert "train full" in out and "merge wise-a0.5" in out and "train cfs" not in out
+
+
+def test_only_draws_the_same_cf_pool_as_the_whole_config(tiny_model, tmp_path, capsys):
+    """`--only cfs` in a config that also has `kd` plans the pool `kd` needs (with top-K), so
+    the whole config later finds cfs's pool and does not train cfs again."""
+    runs = [{"name": "cfs", "method": "cfs"}, {"name": "kd", "method": "kd"}]
+    path = write_config(tmp_path, tiny_model, runs=runs)
+
+    def pool(only: list[str]) -> str:
+        run(RunConfig(experiment=str(path), out=str(tmp_path / "e"), only=only, dry_run=True))
+        return next(line.split()[-1] for line in capsys.readouterr().out.splitlines()
+                    if "generate cf-pool" in line)
+    assert pool(["cfs"]) == pool([]) == pool(["kd"])
     with pytest.raises(CftuneError, match="unknown run"):
         run(RunConfig(experiment=str(path), out=str(tmp_path / "e"), only=["nope"]))
 
@@ -256,6 +269,8 @@ def test_seeds_replicate_runs_and_the_report_pairs_them(tiny_model, tmp_path, ca
     (out / "results.md").unlink()
     assert cli_main(["report", str(out)]) == 0
     assert (out / "results.md").read_text() == md
+    run(RunConfig(experiment=str(path), out=str(tmp_path / "e"), only=["full-s0"]))
+    assert "comparison cfs vs full skipped: cfs is not evaluated" in capsys.readouterr().out
 
 
 def test_instruction_yardsticks_in_the_runner(tiny_model, tmp_path):

@@ -86,7 +86,10 @@ class Runner:
         self._add("data", data_dir, self._write_data, lambda: self.test_file.is_file())
 
         trained = [r for r in self.runs if r["method"] != WISE_FT]
-        kd = any(r["method"] == "kd" for r in trained)
+        # Over every run of the config, not the `--only` ones: the pool is the same folder
+        # whichever runs are asked for (a pool drawn without top-K for `--only cfs` would be
+        # another folder than the full config's, and `cfs` would train again).
+        kd = any(r["method"] == "kd" for r in exp.runs)
         cf_settings = {**dataclasses.asdict(exp.cf), "topk_logprobs":
                        max(exp.cf.topk_logprobs, 20 if kd else 0)}
         contextual_settings = {
@@ -342,6 +345,10 @@ class Runner:
                              "steps": first.get("steps"), "tokens": None, "wall_time_s": None})
         comparisons = []
         for a, b in self.exp.eval.compare:
+            if a not in groups or b not in groups:  # `--only` left one side out
+                print(f"cftune run: comparison {b} vs {a} skipped: "
+                      f"{a if a not in groups else b} is not evaluated in this invocation")
+                continue
             ref, model = ([results[m["run"]] for m in groups[g]] for g in (a, b))
             comparisons.append({"ref": a, "model": b,
                                 "metrics": paired_metrics(ref, model, with_kl=True)})
