@@ -157,3 +157,18 @@ def test_models_without_a_dynamic_cache_fall_back_to_per_pair_scoring(tiny):
     shared = score_shared(_WithoutCache(model), requests, batch_size=3)
     flat = score_continuations(model, requests, batch_size=3)
     assert [s.logprob for s in shared] == pytest.approx([s.logprob for s in flat], abs=1e-5)
+
+
+def test_token_budget_batches_long_requests_few_at_a_time(tiny):
+    from cftune.scoring import token_batches
+
+    assert token_batches([100, 90, 20, 20, 20, 10], batch_size=4, max_tokens=150) == \
+        [[0], [1], [2, 3, 4, 5]]
+    assert token_batches([5] * 5, batch_size=2, max_tokens=1000) == [[0, 1], [2, 3], [4]]
+    assert token_batches([500, 3], batch_size=8, max_tokens=100) == [[0], [1]]
+    model, _ = tiny
+    requests = [([5, 6], list(range(7, 7 + n))) for n in (40, 3, 25, 3, 9, 1)]
+    one = score_continuations(model, requests, batch_size=8, max_batch_tokens=10_000)
+    budgeted = score_continuations(model, requests, batch_size=8, max_batch_tokens=60)
+    for a, b in zip(one, budgeted):
+        torch.testing.assert_close(a.token_logprobs, b.token_logprobs, rtol=0, atol=1e-5)
