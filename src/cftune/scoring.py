@@ -107,7 +107,7 @@ def token_batches(widths: Sequence[int], batch_size: int, max_tokens: int) -> li
     `batch_size` rows and `max_tokens` padded tokens (rows × its first, widest row), and at
     least one row."""
     batches: list[list[int]] = []
-    for k, width in enumerate(widths):
+    for k in range(len(widths)):
         if batches and len(batches[-1]) < batch_size and \
                 (len(batches[-1]) + 1) * widths[batches[-1][0]] <= max_tokens:
             batches[-1].append(k)
