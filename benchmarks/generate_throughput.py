@@ -26,7 +26,7 @@ def plain_generate(model, tokenizer, n: int, batch: int, max_new: int, dtype: st
     torch.manual_seed(0)
     for start in range(0, n, batch):
         rows = min(batch, n - start)
-        ids = torch.full((rows, 1), bos, dtype=torch.long)
+        ids = torch.full((rows, 1), bos, dtype=torch.long, device=model.device)
         with autocast(model.device, dtype):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                  temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new,
@@ -51,9 +51,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     args = ap.parse_args()
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, "cpu", args.dtype, inference=True)
+    model = load_model(args.model, args.device, args.dtype, inference=True)
     shape = (model, tokenizer, args.num_samples, args.batch_size, args.max_new_tokens, args.dtype)
     results = {}
     for name, fn in (("model.generate", plain_generate), ("cftune", cftune_sample)):
@@ -64,7 +65,8 @@ def main() -> None:
         print(f"{name:15s} {tokens:7d} tokens in {wall:7.1f} s = {tokens / wall:7.1f} tokens/s")
     print(f"ratio cftune / model.generate: {results['cftune'] / results['model.generate']:.2f}x "
           f"(N={args.num_samples}, max_new_tokens={args.max_new_tokens}, "
-          f"batch={args.batch_size}, dtype={args.dtype}, threads={torch.get_num_threads()})")
+          f"batch={args.batch_size}, dtype={args.dtype}, device={model.device}, "
+          f"threads={torch.get_num_threads()})")
 
 
 if __name__ == "__main__":

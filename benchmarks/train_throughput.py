@@ -1,6 +1,7 @@
 """Training throughput: cftune `full` against the plain transformers `Trainer` a user would write,
 the step time of `kd` against `mix` (issue 3, "Speed"), and the chunked output-layer loss against
-the full logits (tokens/s and peak memory, each run in its own process). Prints one JSON line.
+the full logits and with gradient checkpointing on top (tokens/s and peak memory, each run in its
+own process). Prints one JSON line.
 
 Same model, examples (tokenised once by `cftune.data`), batch size, dtype and number of steps for
 both engines; the plain run uses `DataCollatorForSeq2Seq` (padding to the longest row of randomly
@@ -12,8 +13,10 @@ the steps after the first (warm-up excluded). Targets: cftune/plain >= 1.3, kd/m
     flock /tmp/cftune-cpu.lock .venv/bin/python benchmarks/train_throughput.py --only chunked \
         --method cfs --batch-size 16
 
-Task data: GSM8K's train split from ../shared/data when present (varied lengths, as real task
-data has), else the built-in arithmetic task.
+Task data: `--task FILE` (JSONL with question/answer), else GSM8K's train split from
+../shared/data when present (varied lengths, as real task data has), else the built-in arithmetic
+task. `--device cuda` measures on a GPU: peak memory is then the GPU's peak allocation
+(`torch.cuda.max_memory_allocated`) beside the process's RSS.
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ from cftune.train import TrainConfig, train
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
-def task_file(folder: Path, rows: int) -> Path:
-    if GSM8K.is_file():
-        lines = GSM8K.read_text().splitlines()[:rows]
+def task_file(folder: Path, rows: int, given: str | None = None) -> Path:
+    source = Path(given) if given else GSM8K
+    if source.is_file():
+        lines = source.read_text().splitlines()[:rows]
         return write_jsonl([json.loads(x) for x in lines], folder / "task.jsonl")
     return write_jsonl(resolve_task("builtin:arithmetic", "train", rows), folder / "task.jsonl")
 
@@ -48,7 +52,7 @@ def plain_trainer(config: TrainConfig, examples: list[dict]) -> tuple[float, int
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     tok = load_tokenizer(config.model)
-    model = load_model(config.model, device="cpu", dtype="fp32")
+    model = load_model(config.model, device=config.device, dtype="fp32")
     model.train()
     rows = [{"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"]),
              "labels": e["labels"]} for e in examples]
@@ -73,7 +77,7 @@ def plain_trainer(config: TrainConfig, examples: list[dict]) -> tuple[float, int
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(), max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
-        bf16=config.dtype != "fp32", use_cpu=True, report_to="none", save_strategy="no",
+        bf16=config.dtype != "fp32", use_cpu=config.device == "cpu", report_to="none", save_strategy="no",
         logging_steps=1000, disable_tqdm=True, seed=config.seed)
     Trainer(model=model, args=args, train_dataset=rows, data_collator=counting,
             callbacks=[Clock()]).train()
@@ -95,12 +99,14 @@ def _measure_child(config: dict, queue) -> None:
     import resource
 
     tokens_per_s, step_s = cftune_run(TrainConfig(**config))
-    queue.put((tokens_per_s, step_s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    queue.put((tokens_per_s, step_s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               gpu))
 
 
-def isolated_run(config: TrainConfig) -> tuple[float, float, float]:
-    """(tokens/s, mean step seconds, peak RSS GiB) of a cftune run in a fresh process, so the
-    peak memory is this run's alone."""
+def isolated_run(config: TrainConfig) -> tuple[float, float, float, float | None]:
+    """(tokens/s, mean step seconds, peak RSS GiB, peak GPU allocation GiB or None) of a cftune
+    run in a fresh process, so the peak memory is this run's alone."""
     import dataclasses
     import multiprocessing as mp
 
@@ -126,35 +132,44 @@ def main() -> None:
                    help="run one comparison (default: throughput and kd)")
     p.add_argument("--method", default="full", choices=("full", "cfs"),
                    help="method of the chunked-loss comparison (cfs: batch_size CF rows on top)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--task", help="task JSONL (question/answer); default GSM8K from ../shared")
     a = p.parse_args()
     torch.manual_seed(0)
     root = Path(tempfile.mkdtemp(prefix="cftune-bench-"))
-    task = task_file(root, a.rows)
+    task = task_file(root, a.rows, a.task)
     fields = {"prompt_field": "question", "response_field": "answer"}
     common = dict(model=a.model, task=str(task), max_steps=a.steps, batch_size=a.batch_size,
-                  max_length=a.max_length, dtype=a.dtype, device="cpu", learning_rate=1e-5,
+                  max_length=a.max_length, dtype=a.dtype, device=a.device, learning_rate=1e-5,
                   save_steps=10_000, **fields)
     full = TrainConfig(out=str(root / "full"), method="full", **common)
     examples, _ = data.task_examples(task, load_tokenizer(a.model), full.task_format())
-    figures: dict[str, float | int | str] = {"task": "gsm8k" if GSM8K.is_file() else "arithmetic",
-                                             "steps": a.steps, "batch_size": a.batch_size,
-                                             "dtype": a.dtype}
+    figures: dict[str, float | int | str | None] = {
+        "task": a.task or ("gsm8k" if GSM8K.is_file() else "arithmetic"), "steps": a.steps,
+        "batch_size": a.batch_size, "dtype": a.dtype, "device": a.device}
     if a.only == "chunked":
         cf = {}
         if a.method == "cfs":
             cf = {"cfs": str(generate(GenerateConfig(
-                model=a.model, out=str(root / "cf"), device="cpu", num_samples=a.steps * a.batch_size,
-                max_new_tokens=a.max_length, dtype=a.dtype)))}
-        for chunked in (True, False):
-            tps, step_s, peak = isolated_run(TrainConfig(
-                out=str(root / f"chunked-{chunked}"), method=a.method, chunked_loss=chunked,
-                **cf, **common))
-            tag = "chunked" if chunked else "full_logits"
+                model=a.model, out=str(root / "cf"), device=a.device,
+                num_samples=a.steps * a.batch_size, max_new_tokens=a.max_length, dtype=a.dtype)))}
+        variants = {"chunked": {"chunked_loss": True}, "full_logits": {"chunked_loss": False},
+                    "chunked_ckpt": {"chunked_loss": True, "gradient_checkpointing": True}}
+        for tag, switches in variants.items():
+            tps, step_s, peak, gpu = isolated_run(TrainConfig(
+                out=str(root / tag), method=a.method, **switches, **cf, **common))
             figures.update({f"{tag}_tokens_per_s": round(tps, 1), f"{tag}_step_s": round(step_s, 3),
-                            f"{tag}_peak_gib": round(peak, 2)})
-        figures.update(method=a.method, speed_ratio=round(
+                            f"{tag}_peak_gib": round(peak, 2),
+                            f"{tag}_gpu_peak_gib": None if gpu is None else round(gpu, 2)})
+            print(json.dumps({k: v for k, v in figures.items() if k.startswith(tag)}), flush=True)
+        memory = "gpu_peak_gib" if figures["chunked_gpu_peak_gib"] is not None else "peak_gib"
+        figures.update(method=a.method, memory=memory, speed_ratio=round(
             figures["chunked_tokens_per_s"] / figures["full_logits_tokens_per_s"], 3),
-            memory_ratio=round(figures["chunked_peak_gib"] / figures["full_logits_peak_gib"], 3))
+            memory_ratio=round(figures[f"chunked_{memory}"] / figures[f"full_logits_{memory}"], 3),
+            ckpt_speed_ratio=round(
+                figures["chunked_ckpt_tokens_per_s"] / figures["full_logits_tokens_per_s"], 3),
+            ckpt_memory_ratio=round(
+                figures[f"chunked_ckpt_{memory}"] / figures[f"full_logits_{memory}"], 3))
         print(json.dumps(figures))
         return
     if a.only != "kd":
@@ -164,7 +179,7 @@ def main() -> None:
         for k in ("plain_tokens_per_s", "cftune_tokens_per_s"):
             figures[k] = round(figures[k], 1)
     if a.only != "throughput":
-        cfs = generate(GenerateConfig(model=a.model, out=str(root / "cf"), device="cpu",
+        cfs = generate(GenerateConfig(model=a.model, out=str(root / "cf"), device=a.device,
                                       num_samples=a.steps * a.batch_size, max_new_tokens=128,
                                       topk_logprobs=a.topk, dtype=a.dtype))
         _, mix_s = cftune_run(TrainConfig(out=str(root / "mix"), method="cfs", cfs=str(cfs), **common))

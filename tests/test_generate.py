@@ -24,8 +24,9 @@ from cftune.scoring import score_continuations
 
 
 def run(model: Path, out: Path, **kw) -> Path:
+    """Sample in fp32 (not the machine-dependent `auto`): the tests compare with fp32 passes."""
     settings = dict(model=str(model), out=str(out), num_samples=24, max_new_tokens=24,
-                    batch_size=5, device="cpu")
+                    batch_size=5, device="cpu", dtype="fp32")
     settings.update(kw)
     return generate(GenerateConfig(**settings))
 

@@ -61,12 +61,30 @@ def _load(path):
 @pytest.mark.parametrize("kind", ["nll", "kd"])
 @pytest.mark.parametrize("fixture", ["tiny_model", "tiny_model_tied"])
 def test_chunked_loss_equals_the_plain_loss(request, monkeypatch, fixture, kind):
-    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * 16 * 64)  # 16 positions a chunk: several
+    _several_chunks(monkeypatch)
     model = _load(request.getfixturevalue(fixture))
     (v0, n0, g0), (v1, n1, g1) = _both(model, _batch(model.config.vocab_size), kind)
     assert n0 == n1 == 27 and v1 == pytest.approx(v0, rel=1e-5)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def _several_chunks(monkeypatch) -> None:
+    """16 positions a chunk (the tiny models' vocabulary is 64): a batch spans several."""
+    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * 16 * 64)
+    monkeypatch.setattr(head_loss, "MIN_CHUNK", 16)
+
+
+def test_chunked_head_gradient_under_bf16_autocast(monkeypatch, tiny_model):
+    """The head's weight is cast to bf16 once and its chunk gradients summed in fp32: the same
+    gradients as autocast's single product over all positions, to bf16 rounding."""
+    _several_chunks(monkeypatch)
+    model = _load(tiny_model)
+    (v0, _, g0), (v1, _, g1) = _both(model, _batch(model.config.vocab_size), "nll", "bf16")
+    assert v1 == pytest.approx(v0, rel=1e-3)
+    assert all(g.dtype == torch.float32 for g in g1)
+    for a, b in zip(g0, g1):  # elementwise, a bf16 partial sum may round either way
+        assert float((b - a).norm() / a.norm()) < 1e-2
 
 
 def test_chunked_loss_under_bf16_autocast_and_lora(tiny_model):

@@ -58,3 +58,42 @@ def test_unknown_dtype_is_refused(bad):
 
     with pytest.raises(CftuneError, match=f"`dtype` = '{bad}' is not one of fp32, bf16, fp16, auto"):
         TrainConfig(model="x", task="builtin:arithmetic", dtype=bad)
+
+
+def _machine_prefers(monkeypatch, dtype: str) -> None:
+    monkeypatch.setattr(precision, "cpu_choice", lambda cache=None: {
+        "dtype": dtype, "fp32_gflops": 1.0, "bf16_gflops": 1.0, "machine": "test"})
+
+
+def test_sampling_with_auto_keeps_the_folder_precision(tiny_model, tmp_path, monkeypatch):
+    """`cftune generate --dtype auto` samples in the machine's choice and records it; extending
+    the folder on a machine that prefers another precision keeps the first one, so `logp_base`
+    and the samples' law never change within one pool."""
+    from cftune.generate import GenerateConfig, generate
+    from cftune.samples import read_manifest
+
+    def run(n: int) -> dict:
+        generate(GenerateConfig(model=str(tiny_model), out=str(tmp_path / "cf"), num_samples=n,
+                                max_new_tokens=6, batch_size=2, device="cpu", seed=3))
+        return read_manifest(tmp_path / "cf")
+
+    _machine_prefers(monkeypatch, "bf16")
+    first = run(2)
+    assert first["logp_dtype"] == "bf16" and first["precision"]["dtype"] == "bf16"
+    assert first["settings"]["dtype"] == "auto"
+    _machine_prefers(monkeypatch, "fp32")
+    extended = run(4)
+    assert extended["counts"]["samples"] == 4 and extended["logp_dtype"] == "bf16"
+    assert extended["precision"]["chosen"] == "auto: the folder's first samples"
+    fresh = GenerateConfig(model=str(tiny_model), out=str(tmp_path / "cf2"), num_samples=2,
+                           max_new_tokens=6, batch_size=2, device="cpu", seed=3)
+    assert read_manifest(generate(fresh))["logp_dtype"] == "fp32"
+
+
+def test_greedy_decoding_accepts_auto_and_scoring_does_not():
+    from cftune.errors import CftuneError
+    from cftune.evaluate.stage import EvalConfig
+
+    EvalConfig(model=["x"], task="t.jsonl", decode_dtype="auto")
+    with pytest.raises(CftuneError, match="score_dtype must be one of fp32, bf16, fp16 "):
+        EvalConfig(model=["x"], task="t.jsonl", score_dtype="auto")

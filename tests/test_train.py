@@ -219,16 +219,29 @@ def test_kd_starts_at_zero_divergence_from_the_base(files, tmp_path):
 
 @pytest.mark.parametrize("method", ["kd", "flow"])
 def test_chunked_loss_trains_as_the_full_logits_do(files, tmp_path, method):
-    """cftune.head_loss (the default) and the model's full logits give the same training run."""
-    logs = [read_log(train(config(files, tmp_path / f"{method}-{chunked}", method=method,
-                                  max_steps=3, chunked_loss=chunked)))
-            for chunked in (True, False)]
+    """cftune.head_loss (the CPU default) and the model's full logits give the same training
+    run, and the manifest says which one ran."""
+    outs = [train(config(files, tmp_path / f"{method}-{chunked}", method=method, max_steps=3,
+                         chunked_loss=chunked)) for chunked in (None, False)]
+    assert [json.loads((o / "manifest.json").read_text())["chunked_loss"] for o in outs] == \
+        [True, False]
+    logs = [read_log(o) for o in outs]
     losses = [[r for r in log if "task_loss" in r] for log in logs]
     assert len(losses[0]) == 3
     for a, b in zip(*losses):
         for key in ("task_loss", "cf_loss", "grad_norm"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+
+
+def test_chunked_loss_default_follows_the_device(files, tmp_path):
+    """Unset: on for CPUs, off for GPUs (measured slower there); a set value is kept."""
+    from cftune.train import chunked_loss
+
+    unset = config(files, tmp_path)
+    assert chunked_loss(unset, torch.device("cpu")) is True
+    assert chunked_loss(unset, torch.device("cuda")) is False
+    assert chunked_loss(config(files, tmp_path, chunked_loss=True), torch.device("cuda")) is True
 
 
 @pytest.mark.parametrize("method, extra", [

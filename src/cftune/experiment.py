@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cftune import precision
 from cftune.config import field, from_dict, load_yaml
 from cftune.errors import CftuneError, did_you_mean
 from cftune.generate import GenerateConfig
@@ -96,8 +97,9 @@ class EvalSpec:
     batch_size: int = field(16, "sequences per forward pass")
     score_dtype: str = field("fp32", "precision of every log-likelihood metric (KL, benchmarks, "
                              "answer NLL); not fp32: the base is re-scored in it for the KL")
-    decode_dtype: str = field("fp32", "precision of greedy task decoding (bf16: faster on CPUs "
-                              "with AVX512-BF16, flips near-ties)")
+    decode_dtype: str = field("fp32", "precision of greedy task decoding: fp32 | bf16 | fp16 | "
+                              "auto (the machine's faster, cftune.precision); not fp32 flips "
+                              "near-ties, so the default keeps task accuracy machine-independent")
     data_dir: str | None = field(None, "folder holding benchmark files (default: auto)")
     instructions: str | None = field(None, "held-out instructions (JSONL with prompt/reference, "
                                      "or the self-instruct seed format) for instr_kl and "
@@ -113,10 +115,12 @@ class EvalSpec:
                         "(the reference solutions' NLL, for tasks where accuracy stays near 0)")
 
     def __post_init__(self) -> None:
-        for key in ("score_dtype", "decode_dtype"):
-            if getattr(self, key) not in DTYPES:
-                raise CftuneError(f"eval.{key} '{getattr(self, key)}' is not one of "
-                                  f"{', '.join(DTYPES)}")
+        if self.score_dtype not in DTYPES:
+            raise CftuneError(f"eval.score_dtype '{self.score_dtype}' is not one of "
+                              f"{', '.join(DTYPES)}")
+        if self.decode_dtype not in (*DTYPES, precision.AUTO):
+            raise CftuneError(f"eval.decode_dtype '{self.decode_dtype}' is not one of "
+                              f"{', '.join(DTYPES)}, {precision.AUTO}")
         for key in ("offset", "instruction_offset"):
             if getattr(self, key) < 0:
                 raise CftuneError(f"eval.{key} must be >= 0 (got {getattr(self, key)})")

@@ -25,11 +25,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from cftune import __version__
+from cftune import __version__, precision
 from cftune.config import field
 from cftune.errors import CftuneError
 from cftune.locking import output_locked
-from cftune.models import DEFAULT_MODEL, DTYPES, fingerprint, load_model, load_tokenizer
+from cftune.models import (
+    DEFAULT_MODEL,
+    DTYPES,
+    fingerprint,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+)
 from cftune.prompts import PromptSpec, prompt_ids, resolve_format
 from cftune.sampler import ContinuousSampler, Drawn, Job, SamplingParams
 from cftune.samples import (
@@ -85,8 +92,9 @@ class GenerateConfig:
     dedup: bool = field(False, "drop exact duplicate samples (biases the samples away from "
                         "p_base: off for training pools and KL sets)")
     batch_size: int = field(32, "rows decoded together (continuous batching keeps them full)")
-    dtype: str = field("fp32", "fp32 | bf16 | fp16; bf16 is ~1.7x faster on CPU, and logp_base "
-                       "is then the bf16 model's")
+    dtype: str = field("auto", "auto | fp32 | bf16 | fp16; auto: bf16 on a GPU, on a CPU the "
+                       "faster of fp32 and bf16 measured once (cftune.precision); logp_base is "
+                       "the sampling model's, so KL in fp32 re-scores the base when it differs")
     device: str = field("auto", "auto | cpu | cuda | mps")
     format: str = field("jsonl", "samples file format: jsonl | parquet")
     export: list[str] = field([], "also write trl | axolotl | text files for other trainers")
@@ -114,8 +122,9 @@ class GenerateConfig:
                             f"({self.max_new_tokens}): no sample could pass")
         if self.batch_size <= 0:
             problems.append(f"batch_size must be > 0 (got {self.batch_size})")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype})")
+        if self.dtype not in (*DTYPES, precision.AUTO):
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, {precision.AUTO} "
+                            f"(got {self.dtype})")
         if self.format not in FORMATS:
             problems.append(f"format must be one of {', '.join(FORMATS)} (got {self.format})")
         bad = [e for e in self.export if e not in EXPORTS]
@@ -372,7 +381,8 @@ def generate(config: GenerateConfig) -> Path:
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     prompts = task_prompt_ids(tokenizer, config) if config.task_prompts else None
     prefix, prefix_source = (None, "task-prompts") if prompts else context_free_prefix(tokenizer, config)
-    model = load_model(config.model, config.device, config.dtype, config.trust_remote_code,
+    dtype, chosen = _precision(config, out, manifest, state)
+    model = load_model(config.model, config.device, dtype, config.trust_remote_code,
                        inference=True)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise CftuneError(f"model '{config.model}' has fewer embeddings than its tokenizer has tokens")
@@ -387,10 +397,11 @@ def generate(config: GenerateConfig) -> Path:
                              "duplicates": c["filtered_duplicates"]}})
             (out / MANIFEST).unlink()  # the folder is unfinished again until we write it
         old = read_json(out / PROGRESS) if (out / PROGRESS).is_file() else {}
-        atomic_write_json(out / PROGRESS, {**old, "settings": _settings(config)})
+        atomic_write_json(out / PROGRESS, {**old, "settings": _settings(config),
+                                           "precision": chosen})
 
     sampler = ContinuousSampler(model, config.sampling, stop_ids(tokenizer, model), config.seed,
-                                config.batch_size, config.dtype, config.topk_logprobs)
+                                config.batch_size, dtype, config.topk_logprobs)
 
     def jobs(ids: Iterable[int]) -> Iterator[Job]:
         for i in ids:
@@ -444,10 +455,28 @@ def generate(config: GenerateConfig) -> Path:
     if state.is_main_process:
         acceptor.out.close()
         manifest = _manifest(config, tokenizer, sampler.stop_ids.tolist(), prefix, prefix_source,
-                             acceptor, time.time() - started, tokens_sampled, state.num_processes)
+                             acceptor, time.time() - started, tokens_sampled, state.num_processes,
+                             chosen)
         _finish(out, config, manifest)
     state.wait_for_everyone()
     return out
+
+
+def _precision(config: GenerateConfig, out: Path, manifest: dict | None,
+                state) -> tuple[str, dict[str, Any]]:
+    """The sampling precision and how it was chosen. `auto` keeps the precision the folder was
+    started in (a resumed or extended pool is one precision: `logp_base` and the samples' law
+    must not change halfway), else this machine's choice; the main process decides for all."""
+    chosen: dict[str, Any] | None = None
+    if state.is_main_process:
+        progress = read_json(out / PROGRESS) if (out / PROGRESS).is_file() else {}
+        recorded = (manifest or {}).get("precision") or progress.get("precision")
+        if config.dtype == precision.AUTO and recorded:
+            chosen = {**recorded, "chosen": "auto: the folder's first samples"}
+        else:
+            chosen = precision.resolve(config.dtype, resolve_device(config.device))[1]
+    index = _shared_int(state, DTYPES.index(chosen["dtype"]) if chosen else 0)
+    return DTYPES[index], chosen or {"dtype": DTYPES[index], "chosen": "the main process's"}
 
 
 def generate_dataset(config: GenerateConfig):
@@ -482,7 +511,8 @@ def _read_shard(out: Path, block: int) -> list[Drawn]:
     return drawn
 
 
-def _manifest(config, tokenizer, eos, prefix, prefix_source, acceptor, wall, tokens_sampled, world):
+def _manifest(config, tokenizer, eos, prefix, prefix_source, acceptor, wall, tokens_sampled, world,
+              chosen):
     return {
         "stage": "generate",
         "cftune_version": __version__,
@@ -505,7 +535,8 @@ def _manifest(config, tokenizer, eos, prefix, prefix_source, acceptor, wall, tok
         # The CF term and the KL are expectations under p_base: any filter biases them.
         "filters": {"dedup": config.dedup, "min_tokens": config.min_tokens,
                     "filtered": bool(config.dedup or config.min_tokens)},
-        "logp_dtype": config.dtype,
+        "logp_dtype": chosen["dtype"],
+        "precision": chosen,
         "task_prompt_format": (resolve_format(tokenizer, prompt_spec(config))
                                if config.task_prompts else None),
         "settings": _settings(config),

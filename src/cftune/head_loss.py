@@ -30,7 +30,11 @@ import torch.nn.functional as F
 
 from cftune import objectives
 
-CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk: 256 MiB (1365 positions of SmolLM2, 256 of Gemma-3)
+CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk: 256 MiB (1365 positions of SmolLM2)
+# At least this many positions per chunk: each chunk also costs weight-sized work (its share of
+# the head's gradient, [vocabulary × hidden], is added in fp32), which few positions don't repay.
+# Gemma-3 (262k tokens): 1024 positions, 1 GiB of fp32 logits.
+MIN_CHUNK = 1024
 
 
 @dataclass
@@ -51,8 +55,8 @@ class Head:
 
     @property
     def chunk(self) -> int:
-        """Positions per chunk: CHUNK_BYTES of fp32 logits."""
-        return max(16, CHUNK_BYTES // (4 * self.weight.shape[0]))
+        """Positions per chunk: CHUNK_BYTES of fp32 logits, at least MIN_CHUNK."""
+        return max(MIN_CHUNK, CHUNK_BYTES // (4 * self.weight.shape[0]))
 
 
 def head_of(model) -> Head | None:
@@ -97,13 +101,23 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, head: Head, loss_fn: Callable, *extras):
         needs = ctx.needs_input_grad
-        grads = [torch.zeros_like(t) if t is not None and needs[i] else None
-                 for i, t in enumerate((h, weight, bias))]
+        grads: list[torch.Tensor | None] = [None, None, None]  # h, weight, bias
+        if needs[0]:
+            grads[0] = torch.empty_like(h)  # every row is written by its chunk
+        # The weight in the precision autocast computes in, cast once per call and not once
+        # per chunk: for Gemma-3's 262k × 640 head, per-chunk casts of the weight and of its
+        # gradient cost more than the chunk's matrix products (2x slower than the full logits
+        # on CPU). Its chunk gradients are then summed in fp32.
+        device = h.device.type
+        cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        params = [t.to(cast) if t is not None and cast is not None else t for t in (weight, bias)]
+        with torch.enable_grad():
+            params = [t.detach().requires_grad_(needs[i + 1]) if t is not None else None
+                      for i, t in enumerate(params)]
         total = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], head.chunk):
             with torch.enable_grad():
-                leaves = [t.detach().requires_grad_(needs[i]) if t is not None else None
-                          for i, t in enumerate((h[s:s + head.chunk], weight, bias))]
+                leaves = [h[s:s + head.chunk].detach().requires_grad_(needs[0]), *params]
                 chunk_head = Head(head.decoder, leaves[1], leaves[2], head.softcap)
                 loss = loss_fn(chunk_head.logits(leaves[0]),
                                *(e[s:s + head.chunk] if e is not None else None for e in extras))
@@ -112,6 +126,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     for (i, _), g in zip(wanted, torch.autograd.grad(loss, [t for _, t in wanted])):
                         if i == 0:
                             grads[0][s:s + head.chunk] = g
+                        elif grads[i] is None:  # the first chunk's, in the parameter's dtype
+                            grads[i] = g.to((weight, bias)[i - 1].dtype, copy=True)
                         else:
                             grads[i] += g
             total += loss.detach().float()

@@ -121,9 +121,11 @@ class Runner:
                       lambda: self.replay_file.is_file())
         held_seed = exp.cf.seed + 1_000_003  # disjoint random streams from the pool's
         self.heldout = self._generate_stage(
-            # Unfiltered T=1 draws: the KL estimate is unbiased only for samples x ~ p_base.
+            # Unfiltered T=1 draws: the KL estimate is unbiased only for samples x ~ p_base, the
+            # base as the KL scores it: drawn in `eval.score_dtype`, whatever the pools use.
             "cf-heldout", {**cf_settings, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                           "min_p": 0.0, "topk_logprobs": 0, "dedup": False, "min_tokens": 0},
+                           "min_p": 0.0, "topk_logprobs": 0, "dedup": False, "min_tokens": 0,
+                           "dtype": exp.eval.score_dtype},
             exp.cf_heldout, held_seed)
 
         for r in self.runs:
@@ -259,7 +261,7 @@ class Runner:
             atomic_write_json_mkdir(folder / "result.json",
                                     evaluate_one(self.exp, name, model_path, self.heldout,
                                                  self.test_file, self.base_fp,
-                                                 self.reference(), self.instructions))
+                                                 self.instructions))
         return work
 
     # ------------------------------------------------------------------ running
@@ -283,20 +285,6 @@ class Runner:
         if not todo:
             print(f"{self.out}: every stage is cached; nothing to do")
         return self.results()
-
-    def reference(self) -> list[float] | None:
-        """`kl.base_reference` for the held-out samples in `eval.score_dtype`, computed once and
-        kept beside the samples (None when their stored `logp_base` is in that precision)."""
-        from cftune.evaluate.kl import base_reference, needs_reference
-
-        e = self.exp.eval
-        if not needs_reference(self.heldout, e.score_dtype):
-            return None
-        path = self.heldout / f"reference-{e.score_dtype}-{self.exp.cf_heldout}.json"
-        if not path.is_file():
-            atomic_write_json(path, base_reference(self.exp.model, self.heldout, e.score_dtype,
-                                                   self.exp.cf_heldout, e.batch_size))
-        return read_json(path)
 
     def results(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(rows, comparisons): a row per evaluated model with its metrics and its paired

@@ -7,11 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from cftune import precision
 from cftune.experiment import Experiment
 
 
 def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Path,
-                 test_file: Path, base_fp: str, reference: list[float] | None = None,
+                 test_file: Path, base_fp: str,
                  instructions: Path | None = None) -> dict[str, Any]:
     """Every metric of one model, in the report's row-metric format.
 
@@ -30,11 +31,8 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
                      batch_size=e.batch_size, dtype=e.score_dtype)
     metrics["task_nll"] = _metric(nll, "value")
     kl = kl_to_base(model, heldout, batch_size=e.batch_size, dtype=e.score_dtype,
-                    limit=exp.cf_heldout, base_fingerprint=base_fp, tokenizer=tokenizer,
-                    reference=reference)
+                    limit=exp.cf_heldout, base_fingerprint=base_fp, tokenizer=tokenizer)
     metrics["kl"] = {**_metric(kl, "value"), "samples_digest": kl["samples_digest"]}
-    if "reference_residual" in kl:
-        metrics["kl_reference_residual"] = _metric(kl["reference_residual"], "value")
     metrics["kl_per_token"] = _metric(kl, "per_token")
     primaries = []
     items: dict[str, Any] = {"kl": kl["per_sample"]}
@@ -56,10 +54,11 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
     items["task_nll"] = nll["per_problem"]
     if e.task_acc:
         device = next(model.parameters()).device
-        model.to(weight_dtype(e.decode_dtype, device, inference=True))
+        decode_dtype = precision.resolve(e.decode_dtype, device)[0]
+        model.to(weight_dtype(decode_dtype, device, inference=True))
         acc = task_accuracy(model, tokenizer, test_file, limit=e.task_limit,
                             max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                            dtype=e.decode_dtype, prompt=spec)
+                            dtype=decode_dtype, prompt=spec)
         metrics = {"task_acc": _metric(acc, "acc"), **metrics}
         items["task_acc"] = acc["correct"]
     return {"model": str(model_spec), "name": name, "metrics": metrics, "items": items}

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cftune import precision
 from cftune.config import field, to_dict
 from cftune.errors import CftuneError
 from cftune.evaluate import benchmarks
@@ -84,8 +85,9 @@ class EvalConfig:
     score_dtype: str = field("fp32", "precision of every log-likelihood metric (KL, benchmarks, "
                              "answer NLL, perplexity); not fp32: the KL's base log-probs are "
                              "re-scored in it and their gap to the stored ones is reported")
-    decode_dtype: str = field("fp32", "precision of greedy task decoding (bf16 weights: faster "
-                              "on CPUs with AVX512-BF16; flips near-ties)")
+    decode_dtype: str = field("fp32", "precision of greedy task decoding: fp32 | bf16 | fp16 | "
+                              "auto (the machine's faster, cftune.precision); not fp32 flips "
+                              "near-ties, so the default keeps task accuracy machine-independent")
     device: str = field("auto", "auto | cpu | cuda | mps")
     out: str = field("evals", "output folder for eval.json and eval.md")
     force_kl: bool = field(False, "estimate the KL even from biased or mismatched samples")
@@ -108,10 +110,12 @@ class EvalConfig:
             problems.append(f"offset must be >= 0 (got {self.offset})")
         if self.num_fewshot < 0:
             problems.append(f"num_fewshot must be >= 0 (got {self.num_fewshot})")
-        for name in ("score_dtype", "decode_dtype"):
-            if getattr(self, name) not in DTYPES:
-                problems.append(f"{name} must be one of {', '.join(DTYPES)} "
-                                f"(got {getattr(self, name)})")
+        if self.score_dtype not in DTYPES:
+            problems.append(f"score_dtype must be one of {', '.join(DTYPES)} "
+                            f"(got {self.score_dtype})")
+        if self.decode_dtype not in (*DTYPES, precision.AUTO):
+            problems.append(f"decode_dtype must be one of {', '.join(DTYPES)}, {precision.AUTO} "
+                            f"(got {self.decode_dtype})")
         if self.task_prompt not in PROMPTS:
             problems.append(f"task_prompt must be one of {', '.join(PROMPTS)} (got {self.task_prompt})")
         if problems:
@@ -199,16 +203,17 @@ def _evaluate_model(config: EvalConfig, spec: str, fp: str, tokenizer, base_fp: 
         out.append(("perplexity", Path(config.perplexity).stem, _cached(use, fp, key, lambda: perplexity(
             model, tokenizer, config.perplexity, batch_size=bs, dtype=dt, limit=config.limit))))
     if config.task:
+        decode_dtype = precision.resolve(config.decode_dtype, device)[0]
         key = {"kind": "task", "data": file_hash(config.task), "limit": config.limit,
                "fewshot": [config.num_fewshot, config.fewshot_file and file_hash(config.fewshot_file)],
                "max_new_tokens": config.max_new_tokens, "prompt": dataclasses.asdict(prompt),
-               "dtype": config.decode_dtype, "device": device.type}
+               "dtype": decode_dtype, "device": device.type}
 
         def decode() -> dict:
-            model.to(weight_dtype(config.decode_dtype, device, inference=True))
+            model.to(weight_dtype(decode_dtype, device, inference=True))
             return task_accuracy(model, tokenizer, config.task, config.limit,
                                  config.max_new_tokens, config.num_fewshot, config.fewshot_file,
-                                 prompt, bs, config.decode_dtype)
+                                 prompt, bs, decode_dtype)
         out.insert(0, ("task", Path(config.task).stem, _cached(use, fp, key, decode)))
     return out
 
