@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -758,10 +759,17 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), trainer_cls: type 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_class())
     trainer.add_callback(_no_final_checkpoint_class())
+    ran = trainer.accelerator.distributed_type.value
+    if (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and ran != "FSDP"
+            and trainer.args.process_index == 0):
+        print(f"cftune train: FSDP was asked but accelerate runs {ran} here (it runs FSDP on "
+              "GPUs only): the model is replicated, not sharded", file=sys.stderr)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     facts = {"flow_weights": flow, "cf_pool": pool, "precision": chosen,
              "chunked_loss": chunked_loss(config, args.device),
+             "distributed": {"type": ran,
+                             "processes": trainer.accelerator.num_processes},
              "doc_start_ids": known_doc_start(tokenizer, config.doc_start)}
     return _save(trainer, tokenizer, config, out, inputs, counts, facts, result,
                  time.perf_counter() - started)
