@@ -13,6 +13,7 @@ byte-identical to a single-process run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -61,6 +63,8 @@ FORMATS = ("jsonl", "parquet")
 BLOCK_BATCHES = 8
 # Settings that may change between a run and its resumption without changing any sample.
 _RESUMABLE_CHANGES = ("num_samples", "out", "export", "format")
+ENGINES = ("torch", "vllm")
+_ADDED_LATER = {"engine": "torch", "rescore": False}  # see `without_later_defaults`
 
 
 @dataclass
@@ -99,6 +103,10 @@ class GenerateConfig:
     format: str = field("jsonl", "samples file format: jsonl | parquet")
     export: list[str] = field([], "also write trl | axolotl | text files for other trainers")
     trust_remote_code: bool = field(False, "allow model code from the model folder/hub")
+    engine: str = field("torch", "torch (cftune's sampler: CPUs, tests) | vllm (GPUs; "
+                        "pip install -e '.[vllm]')")
+    rescore: bool = field(False, "vllm: recompute logp_base with the torch model in one "
+                          "teacher-forced pass (the KL then never depends on vLLM's kernels)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -125,6 +133,11 @@ class GenerateConfig:
         if self.dtype not in (*DTYPES, precision.AUTO):
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, {precision.AUTO} "
                             f"(got {self.dtype})")
+        if self.engine not in ENGINES:
+            problems.append(f"engine must be one of {', '.join(ENGINES)} (got {self.engine})")
+        if self.rescore and self.engine != "vllm":
+            problems.append("rescore applies to --engine vllm (the torch sampler's logp_base "
+                            "is a torch pass already)")
         if self.format not in FORMATS:
             problems.append(f"format must be one of {', '.join(FORMATS)} (got {self.format})")
         bad = [e for e in self.export if e not in EXPORTS]
@@ -225,7 +238,15 @@ def task_prompt_ids(tokenizer, config: GenerateConfig) -> list[list[int]]:
 
 def _settings(config: GenerateConfig) -> dict[str, Any]:
     """What determines the samples (the resume check compares these)."""
-    return {k: v for k, v in asdict(config).items() if k not in _RESUMABLE_CHANGES}
+    return without_later_defaults(
+        {k: v for k, v in asdict(config).items() if k not in _RESUMABLE_CHANGES})
+
+
+def without_later_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` without the settings added after folders were first written, where they hold
+    their default (the old behaviour): a folder written before them resumes, and keeps its key."""
+    return {k: v for k, v in settings.items()
+            if not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
 
 
 def _package_versions() -> dict[str, str]:
@@ -382,9 +403,12 @@ def generate(config: GenerateConfig) -> Path:
     prompts = task_prompt_ids(tokenizer, config) if config.task_prompts else None
     prefix, prefix_source = (None, "task-prompts") if prompts else context_free_prefix(tokenizer, config)
     dtype, chosen = _precision(config, out, manifest, state)
-    model = load_model(config.model, config.device, dtype, config.trust_remote_code,
-                       inference=True)
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+    if config.engine == "vllm" and state.num_processes > 1:
+        raise CftuneError("--engine vllm runs in one process (vLLM shards the model itself); "
+                          "start it without accelerate launch")
+    model = None if config.engine == "vllm" and not config.rescore else load_model(
+        config.model, config.device, dtype, config.trust_remote_code, inference=True)
+    if model is not None and model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise CftuneError(f"model '{config.model}' has fewer embeddings than its tokenizer has tokens")
     if state.is_main_process:
         if (out / SAMPLES_PARQUET).is_file() and not (out / SAMPLES_JSONL).is_file():
@@ -400,8 +424,7 @@ def generate(config: GenerateConfig) -> Path:
         atomic_write_json(out / PROGRESS, {**old, "settings": _settings(config),
                                            "precision": chosen})
 
-    sampler = ContinuousSampler(model, config.sampling, stop_ids(tokenizer, model), config.seed,
-                                config.batch_size, dtype, config.topk_logprobs)
+    sampler = _sampler(config, model, tokenizer, dtype)
 
     def jobs(ids: Iterable[int]) -> Iterator[Job]:
         for i in ids:
@@ -433,6 +456,8 @@ def generate(config: GenerateConfig) -> Path:
             drawn = []
             if b < last:
                 drawn = sorted(sampler.run(jobs(block_ids(b))), key=lambda d: d.id)
+                if config.rescore:
+                    drawn = _rescored(model, drawn, jobs(block_ids(b)), config, dtype)
             if world == 1:
                 acceptor.offer_block(drawn, block_ids(b).stop)
             else:
@@ -454,12 +479,56 @@ def generate(config: GenerateConfig) -> Path:
     tokens_sampled = _shared_int(state, sampler.tokens_sampled, reduce_sum=True)
     if state.is_main_process:
         acceptor.out.close()
-        manifest = _manifest(config, tokenizer, sampler.stop_ids.tolist(), prefix, prefix_source,
+        manifest = _manifest(config, tokenizer, [int(t) for t in sampler.stop_ids], prefix, prefix_source,
                              acceptor, time.time() - started, tokens_sampled, state.num_processes,
                              chosen)
         _finish(out, config, manifest)
     state.wait_for_everyone()
     return out
+
+
+def _sampler(config: GenerateConfig, model, tokenizer, dtype: str):
+    """The engine that draws the samples: cftune's torch sampler, or vLLM."""
+    if config.engine == "vllm":
+        from transformers import GenerationConfig
+
+        from cftune.models import local_path
+        from cftune.vllm_sampler import VLLMSampler
+
+        path = local_path(config.model, config.trust_remote_code)
+        try:
+            generation = GenerationConfig.from_pretrained(path)
+        except OSError:  # a folder without generation_config.json: the tokenizer's EOS only
+            generation = None
+        eos = stop_ids(tokenizer, SimpleNamespace(generation_config=generation))
+        return VLLMSampler(path, config.sampling, eos, config.seed, dtype, config.topk_logprobs)
+    return ContinuousSampler(model, config.sampling, stop_ids(tokenizer, model), config.seed,
+                             config.batch_size, dtype, config.topk_logprobs)
+
+
+def _rescored(model, drawn: list[Drawn], jobs: Iterable[Job], config: GenerateConfig,
+              dtype: str) -> list[Drawn]:
+    """`drawn` with each sample's `logp_base` recomputed by the torch model (teacher-forced)."""
+    from cftune.scoring import score_continuations
+
+    prefixes = {j.id: j.prefix_ids for j in jobs}
+    scored = score_continuations(model, [(prefixes[d.id], d.token_ids) for d in drawn],
+                                 config.batch_size, dtype)
+    return [dataclasses.replace(d, token_logprobs=s.token_logprobs.tolist())
+            for d, s in zip(drawn, scored, strict=True)]
+
+
+def _engine_facts(config: GenerateConfig) -> dict[str, Any]:
+    """The manifest's `engine`: which drew the samples, and what it does not guarantee."""
+    if config.engine == "torch":
+        return {"name": "torch", "logp_base": "torch, incremental (KV cache) in the sampling "
+                "precision"}
+    from cftune.vllm_sampler import GUARANTEES, load_vllm
+
+    return {"name": "vllm", "version": getattr(load_vllm(), "__version__", "unknown"),
+            "guarantees": GUARANTEES,
+            "logp_base": "torch, teacher-forced (--rescore)" if config.rescore else "vllm raw",
+            "topk_logprobs": "vllm raw" if config.topk_logprobs else None}
 
 
 def _precision(config: GenerateConfig, out: Path, manifest: dict | None,
@@ -537,6 +606,7 @@ def _manifest(config, tokenizer, eos, prefix, prefix_source, acceptor, wall, tok
                     "filtered": bool(config.dedup or config.min_tokens)},
         "logp_dtype": chosen["dtype"],
         "precision": chosen,
+        "engine": _engine_facts(config),
         "task_prompt_format": (resolve_format(tokenizer, prompt_spec(config))
                                if config.task_prompts else None),
         "settings": _settings(config),

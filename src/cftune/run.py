@@ -23,7 +23,7 @@ from cftune.config import field, from_dict
 from cftune.errors import CftuneError
 from cftune.experiment import CF_METHODS, WISE_FT, Experiment
 from cftune.experiment import stage_key as _key
-from cftune.generate import GenerateConfig
+from cftune.generate import GenerateConfig, without_later_defaults
 from cftune.locking import output_lock
 from cftune.models import fingerprint
 from cftune.run_eval import evaluate_one
@@ -192,7 +192,8 @@ class Runner:
         settings = {**settings, "seed": seed, "num_samples": n}
         # The folder is keyed without the count: asking for more samples extends it (sample i
         # is the same either way), so a longer training run reuses what was drawn.
-        key = _key({**settings, "out": None, "num_samples": None}, self.base_fp)
+        key = _key(without_later_defaults({**settings, "out": None, "num_samples": None}),
+                   self.base_fp)
         folder = self.out / "cf" / f"{name}-{key}"
         config = GenerateConfig(**{**settings, "out": str(folder)})
 
