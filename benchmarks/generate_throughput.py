@@ -44,6 +44,22 @@ def cftune_sample(model, tokenizer, n: int, batch: int, max_new: int, dtype: str
     return sum(len(d.token_ids) for d in sampler.run(Job(i, (bos,)) for i in range(n)))
 
 
+def vllm_sample(spec: str, tokenizer, stops: list[int], n: int, max_new: int,
+                dtype: str) -> tuple[int, float, float]:
+    """(useful tokens, seconds, engine start seconds) of `--engine vllm` on the same jobs; its
+    start (model load, warm-up compilation) is timed apart, as a long run amortises it."""
+    from cftune.models import local_path
+    from cftune.vllm_sampler import VLLMSampler
+
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    t = time.perf_counter()
+    sampler = VLLMSampler(local_path(spec), SamplingParams(max_new_tokens=max_new), stops, 0, dtype)
+    start = time.perf_counter() - t
+    t = time.perf_counter()
+    tokens = sum(len(d.token_ids) for d in sampler.run(Job(i, (bos,)) for i in range(n)))
+    return tokens, time.perf_counter() - t, start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -52,6 +68,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    ap.add_argument("--vllm", action="store_true", help="also time `--engine vllm` (needs vllm)")
     args = ap.parse_args()
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, args.device, args.dtype, inference=True)
@@ -63,6 +80,13 @@ def main() -> None:
         wall = time.perf_counter() - t
         results[name] = tokens / wall
         print(f"{name:15s} {tokens:7d} tokens in {wall:7.1f} s = {tokens / wall:7.1f} tokens/s")
+    if args.vllm:
+        tokens, wall, start = vllm_sample(args.model, tokenizer, stop_ids(tokenizer, model),
+                                          args.num_samples, args.max_new_tokens, args.dtype)
+        results["vllm"] = tokens / wall
+        print(f"{'vllm':15s} {tokens:7d} tokens in {wall:7.1f} s = {tokens / wall:7.1f} tokens/s "
+              f"(+ {start:.0f} s engine start); ratio vllm / model.generate: "
+              f"{results['vllm'] / results['model.generate']:.2f}x")
     print(f"ratio cftune / model.generate: {results['cftune'] / results['model.generate']:.2f}x "
           f"(N={args.num_samples}, max_new_tokens={args.max_new_tokens}, "
           f"batch={args.batch_size}, dtype={args.dtype}, device={model.device}, "

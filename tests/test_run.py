@@ -84,6 +84,17 @@ def test_sweep_expands_into_runs_and_dry_run_lists_stages(tiny_model, tmp_path, 
     assert not (tmp_path / "e" / "runs").exists()
 
 
+def test_dry_run_names_each_sampling_engine(tiny_model, tmp_path, capsys):
+    """`cf: {engine: vllm}` applies to the pools; the held-out KL set follows it too, and the
+    dry run says which engine draws each (nothing is imported or drawn)."""
+    cf = {"max_new_tokens": 8, "heldout": 24, "batch_size": 8, "device": "cpu",
+          "engine": "vllm", "rescore": True}
+    path = write_config(tmp_path, tiny_model, cf=cf)
+    assert run(RunConfig(experiment=str(path), out=str(tmp_path / "e"), dry_run=True)) is None
+    lines = [x for x in capsys.readouterr().out.splitlines() if "] generate " in x]
+    assert lines and all("samples, vllm rescored)" in x for x in lines)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"bogus": 1}, "unknown key(s) bogus"),
     ({"runs": [{"name": "w", "method": "wise-ft", "of": "nope", "alphas": [0.5]}]},
@@ -157,7 +168,7 @@ def test_changed_heldout_count_rescores_every_model_on_one_set(tiny_model, tmp_p
     run(RunConfig(experiment=str(write_config(tmp_path, tiny_model, runs=runs, cf=cf)),
                   out=str(out)))
     stages = stages_run(capsys.readouterr().out)
-    assert stages == ["generate cf-heldout (30 samples)", "eval base", "eval full"]
+    assert stages == ["generate cf-heldout (30 samples, torch)", "eval base", "eval full"]
     rows = json.loads((out / "results.json").read_text())
     assert [r["metrics"]["kl"]["n"] for r in rows] == [30, 30]
     assert len({r["metrics"]["kl"]["samples_digest"] for r in rows}) == 1

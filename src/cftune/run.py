@@ -201,7 +201,8 @@ class Runner:
             m = folder / "manifest.json"
             return m.is_file() and read_json(m)["counts"]["samples"] >= n
 
-        self._add(f"generate {name} ({n} samples)", folder, lambda: generate(config), done,
+        engine = f", {config.engine}" + (" rescored" if config.rescore else "")
+        self._add(f"generate {name} ({n} samples{engine})", folder, lambda: generate(config), done,
                   cost=n * (settings.get("max_new_tokens") or 1))
         return folder
 
