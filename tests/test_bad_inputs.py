@@ -318,6 +318,10 @@ def test_refused_with_one_line_and_nothing_left(env, capsys, case_id, build, exp
 @pytest.mark.parametrize("case_id, build, target, expect", INJECTED, ids=[c[0] for c in INJECTED])
 def test_full_disk_is_one_line_and_nothing_reads_as_finished(env, capsys, monkeypatch, case_id,
                                                             build, target, expect):
+    import importlib
+    import pkgutil
+
+    import cftune
     import cftune.samples
 
     real = cftune.samples.atomic_write_text
@@ -327,6 +331,9 @@ def test_full_disk_is_one_line_and_nothing_reads_as_finished(env, capsys, monkey
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, text)
 
+    for info in pkgutil.walk_packages(cftune.__path__, "cftune."):  # lazily imported ones too
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
     for name, module in list(sys.modules.items()):  # every module that imported the writer
         if name.startswith("cftune") and getattr(module, "atomic_write_text", None) is real:
             monkeypatch.setattr(module, "atomic_write_text", full_disk)
@@ -362,3 +369,19 @@ def test_over_long_rows_are_cut_with_a_note_and_counted(env, capsys):
     assert "task data: 2 examples of 3 rows (1 truncated, 1 dropped)" in out, out
     counts = json.loads((Path(env.out) / "manifest.json").read_text())["counts"]["task"]
     assert (counts["rows"], counts["kept"], counts["truncated"], counts["dropped"]) == (3, 2, 1, 1)
+
+
+def test_a_library_that_fails_to_load_is_named_with_its_fix(monkeypatch, capsys, tmp_path):
+    """An OSError without errno is a library that failed to load (a package built for another
+    torch), not the file system: the line says to reinstall it, not to free space."""
+    import cftune.generate
+    from cftune.cli import main
+
+    def broken(config):
+        raise OSError("Could not load this library: /x/lib/_torchaudio.so")
+
+    monkeypatch.setattr(cftune.generate, "generate", broken)
+    assert main(["generate", "--out", str(tmp_path / "o"), "--num-samples", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "_torchaudio.so" in err
+    assert "reinstall the package it names" in err and "free space" not in err

@@ -86,8 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as e:  # the environment, not a bug: a full disk, a read-only folder
         where = f"{e.filename}: " if e.filename else ""
+        # No errno: not the file system but a library that failed to load (an installed
+        # package built for another torch, say).
+        fix = "free space, permissions" if e.errno is not None else \
+            "reinstall the package it names, built for this torch"
         print(f"cftune {args.command}: error: {where}{e.strerror or e} (errno {e.errno}); fix "
-              f"that (free space, permissions) and rerun the same command", file=sys.stderr)
+              f"that ({fix}) and rerun the same command", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cftune {args.command}: interrupted (rerun the same command to resume)", file=sys.stderr)
