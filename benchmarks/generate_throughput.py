@@ -21,7 +21,7 @@ from cftune.sampler import ContinuousSampler, Job, SamplingParams
 def plain_generate(model, tokenizer, n: int, batch: int, max_new: int, dtype: str) -> int:
     """The loop a user would write: batches of BOS prompts through `model.generate`."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    eos = set(stop_ids(tokenizer, model))
+    eos = set(stop_ids(tokenizer, model.generation_config))
     useful = 0
     torch.manual_seed(0)
     for start in range(0, n, batch):
@@ -40,7 +40,7 @@ def plain_generate(model, tokenizer, n: int, batch: int, max_new: int, dtype: st
 def cftune_sample(model, tokenizer, n: int, batch: int, max_new: int, dtype: str) -> int:
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     sampler = ContinuousSampler(model, SamplingParams(max_new_tokens=max_new),
-                                stop_ids(tokenizer, model), seed=0, batch_size=batch, dtype=dtype)
+                                stop_ids(tokenizer, model.generation_config), seed=0, batch_size=batch, dtype=dtype)
     return sum(len(d.token_ids) for d in sampler.run(Job(i, (bos,)) for i in range(n)))
 
 
@@ -81,7 +81,7 @@ def main() -> None:
         results[name] = tokens / wall
         print(f"{name:15s} {tokens:7d} tokens in {wall:7.1f} s = {tokens / wall:7.1f} tokens/s")
     if args.vllm:
-        tokens, wall, start = vllm_sample(args.model, tokenizer, stop_ids(tokenizer, model),
+        tokens, wall, start = vllm_sample(args.model, tokenizer, stop_ids(tokenizer, model.generation_config),
                                           args.num_samples, args.max_new_tokens, args.dtype)
         results["vllm"] = tokens / wall
         print(f"{'vllm':15s} {tokens:7d} tokens in {wall:7.1f} s = {tokens / wall:7.1f} tokens/s "

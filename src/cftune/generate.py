@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -163,12 +162,13 @@ class GenerateConfig:
 # Prefixes
 
 
-def stop_ids(tokenizer, model) -> list[int]:
-    """Token ids that end a sample: the tokenizer's EOS and the model's generation EOS ids."""
+def stop_ids(tokenizer, generation_config=None) -> list[int]:
+    """Token ids that end a sample: the tokenizer's EOS and the model's generation EOS ids
+    (`generation_config`: the model's, or one read from its folder; None: the tokenizer's)."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    gen_eos = getattr(generation_config, "eos_token_id", None)
     ids.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
     return sorted(ids)
 
@@ -500,10 +500,10 @@ def _sampler(config: GenerateConfig, model, tokenizer, dtype: str):
             generation = GenerationConfig.from_pretrained(path)
         except OSError:  # a folder without generation_config.json: the tokenizer's EOS only
             generation = None
-        eos = stop_ids(tokenizer, SimpleNamespace(generation_config=generation))
-        return VLLMSampler(path, config.sampling, eos, config.seed, dtype, config.topk_logprobs)
-    return ContinuousSampler(model, config.sampling, stop_ids(tokenizer, model), config.seed,
-                             config.batch_size, dtype, config.topk_logprobs)
+        return VLLMSampler(path, config.sampling, stop_ids(tokenizer, generation), config.seed,
+                           dtype, config.topk_logprobs)
+    return ContinuousSampler(model, config.sampling, stop_ids(tokenizer, model.generation_config),
+                             config.seed, config.batch_size, dtype, config.topk_logprobs)
 
 
 def _rescored(model, drawn: list[Drawn], jobs: Iterable[Job], config: GenerateConfig,

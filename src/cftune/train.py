@@ -613,7 +613,7 @@ def build_model(config: TrainConfig):
 
 def chunked_loss(config: TrainConfig, device: torch.device) -> bool:
     """Whether the loss comes from hidden states (cftune.head_loss). Unset: on CPUs, where it
-    measured 1.12x faster at 0.82x the memory (SmolLM2, batch 16); off on GPUs, where one H200
+    measured 1.39x faster at 0.84x the memory (SmolLM2, batch 16); off on GPUs, where one H200
     measurement ran it 5-7x slower per step for Gemma-3-270m (262k vocabulary) while the head loss
     alone ran as fast as the full logits: a cost outside the loss, not yet found."""
     if config.chunked_loss is None:

@@ -16,13 +16,12 @@ manifest unchanged. What vLLM is told, and why:
 What vLLM does not guarantee is recorded in the manifest (`engine.guarantees`): its samples
 depend on the batch it ran in (a resumed run continues with different, equally valid draws), and
 its kernels' log-probs differ from a torch forward by float rounding; `--rescore` recomputes
-`logp_base` and top-K with the torch model in one teacher-forced pass.
+`logp_base` with the torch model in one teacher-forced pass (top-K log-probs stay vLLM's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 from cftune.errors import CftuneError
 from cftune.sampler import Drawn, Job, SamplingParams, sample_seed
@@ -49,12 +48,12 @@ class VLLMSampler:
     """Draws `Job`s with a vLLM `LLM`; the interface of `sampler.ContinuousSampler`."""
 
     def __init__(self, model_path: str, params: SamplingParams, stop_ids: Iterable[int],
-                 seed: int, dtype: str, topk_logprobs: int = 0, llm: Any = None):
+                 seed: int, dtype: str, topk_logprobs: int = 0):
         self.vllm = load_vllm()
         self.params, self.seed, self.topk = params, seed, topk_logprobs
         self.stop_ids = sorted(set(stop_ids))
         self.tokens_sampled = 0
-        self.llm = llm or self.vllm.LLM(
+        self.llm = self.vllm.LLM(
             model=model_path, tokenizer=model_path, dtype=VLLM_DTYPES[dtype], seed=seed,
             generation_config="vllm", logprobs_mode="raw_logprobs",
             max_logprobs=max(20, topk_logprobs))
