@@ -11,6 +11,7 @@ another engine's kernels would.
 
 from __future__ import annotations
 
+import importlib.machinery
 import types
 from dataclasses import dataclass, field
 
@@ -109,6 +110,7 @@ class LLM:
 def module() -> types.ModuleType:
     """This fake as the `vllm` module (for `sys.modules`)."""
     m = types.ModuleType("vllm")
+    m.__spec__ = importlib.machinery.ModuleSpec("vllm", None)  # "installed", for find_spec
     for name in ("LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
                  "__version__"):
         setattr(m, name, globals()[name])

@@ -148,6 +148,6 @@ def test_wiseft_curve_runs_from_base_through_alphas_to_parent(rows):
 
 def test_error_bars_use_ci95_else_stderr(rows):
     full = rows[0]
-    assert report._error(full, "task_acc") == pytest.approx((0.06, 0.06))
-    assert report._error(full, "kl") == pytest.approx((1.96 * 1.5, 1.96 * 1.5))
-    assert report._error(rows[3], "kl") == (0.0, 0.0)
+    assert report.ci_error(full, "task_acc") == pytest.approx((0.06, 0.06))
+    assert report.ci_error(full, "kl") == pytest.approx((1.96 * 1.5, 1.96 * 1.5))
+    assert report.ci_error(rows[3], "kl") == (0.0, 0.0)

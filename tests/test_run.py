@@ -11,6 +11,7 @@ import yaml
 from cftune import data
 from cftune.cli import main as cli_main
 from cftune.errors import CftuneError
+from cftune.experiment import Experiment
 from cftune.models import load_tokenizer
 from cftune.run import RunConfig, Stage, _eta, run
 from cftune.samples import read_manifest
@@ -114,6 +115,12 @@ def test_dry_run_names_each_sampling_engine(tiny_model, tmp_path, capsys):
     ({"runs": [{"name": "a", "method": "full", "learning_rate": -1}]}, "learning_rate"),
     ({"runs": [{"name": "a", "method": "full"}, {"name": "b", "method": "cfs", "batch_size": 4}]},
      "runs see different task examples per step (batch_size x grad_accum: 2 for a; 4 for b)"),
+    ({"runs": [{"name": "a", "method": "full", "cf": {"temperature": 0.5}}]},
+     "only cfs and kd runs train on the CF pool ('full' does not)"),
+    ({"runs": [{"name": "a", "method": "cfs", "cf": {"seed": 3}}]}, "cf.seed is set by the runner"),
+    ({"runs": [{"name": "a", "method": "cfs", "sweep": {"cf.temperature": [0.5, -1]}}]},
+     "temperature must be > 0"),
+    ({"ablation": "cf.temprature"}, "ablation: unknown setting cf.temprature"),
 ])
 def test_bad_experiment_config_is_one_line_error(tiny_model, tmp_path, capsys, change, message):
     path = write_config(tmp_path, tiny_model, **change)
@@ -143,6 +150,68 @@ def test_only_draws_the_same_cf_pool_as_the_whole_config(tiny_model, tmp_path, c
     assert pool(["cfs"]) == pool([]) == pool(["kd"])
     with pytest.raises(CftuneError, match="unknown run"):
         run(RunConfig(experiment=str(path), out=str(tmp_path / "e"), only=["nope"]))
+
+
+def test_cf_sweep_draws_a_pool_per_setting_and_plots_the_ablation(tiny_model, tmp_path, capsys):
+    """`sweep: {cf.temperature: [...]}` trains each run on a pool drawn at its temperature (the
+    config's own value is the config's pool), `ablation` puts the setting on a plot's x axis,
+    and a second config run with the same `--stages` reuses the first one's stages."""
+    stages = tmp_path / "stages"
+    runs = [{"name": "full", "method": "full"},
+            {"name": "cfs", "method": "cfs", "cfs_mode": "weighted",
+             "sweep": {"cf.temperature": [0.5, 1.0]}}]
+    path = write_config(tmp_path, tiny_model, runs=runs, ablation="cf.temperature")
+    run(RunConfig(experiment=str(path), out=str(tmp_path / "t"), stages=str(stages)))
+    capsys.readouterr()
+    pools = sorted(p.name.rsplit("-", 1)[0] for p in (stages / "cf").glob("cf-pool*"))
+    assert pools == ["cf-pool", "cf-pool-temperature=0.5"]
+    hot = next((stages / "cf").glob("cf-pool-temperature=0.5-*"))
+    assert read_manifest(hot)["sampling"]["temperature"] == 0.5
+    rows = {r["run"]: r for r in json.loads((tmp_path / "t" / "results.json").read_text())}
+    assert rows["cfs-temperature=0.5"]["x"] == 0.5 and rows["cfs-temperature=1.0"]["x"] == 1.0
+    assert rows["cfs-temperature=0.5"]["curve"] == "cfs (weighted)" and "x" not in rows["full"]
+    assert (tmp_path / "t" / "ablation.png").stat().st_size > 0
+    assert not (tmp_path / "t" / "runs").exists()  # the stages live in --stages
+
+    other = tmp_path / "other.yaml"
+    other.write_text(path.read_text().replace("ablation: cf.temperature\n", ""))
+    config = yaml.safe_load(other.read_text())
+    config["runs"] = [{"name": "full", "method": "full"}]
+    other.write_text(yaml.safe_dump(config))
+    run(RunConfig(experiment=str(other), out=str(tmp_path / "o"), stages=str(stages)))
+    assert stages_run(capsys.readouterr().out) == []
+    assert [r["run"] for r in json.loads((tmp_path / "o" / "results.json").read_text())] == \
+        ["base", "full"]
+    assert not (tmp_path / "o" / "ablation.png").exists()
+
+
+def test_extends_takes_the_parents_settings_section_by_section(tiny_model, tmp_path):
+    parent = write_config(tmp_path, tiny_model, eval={"task_limit": 3, "max_new_tokens": 8,
+                                                        "batch_size": 4, "limit": 7})
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: exp.yaml\nname: child\neval: {limit: 5}\n"
+                     "runs: [{name: full, method: full}]\n")
+    exp = Experiment(child)
+    assert exp.name == "child" and [r["name"] for r in exp.runs] == ["full"]
+    assert (exp.eval.limit, exp.eval.task_limit, exp.eval.batch_size) == (5, 3, 4)
+    assert exp.train_config(exp.runs[0]).learning_rate == 1e-2  # the parent's `train`
+    parent.write_text(parent.read_text() + "extends: child.yaml\n")
+    with pytest.raises(CftuneError, match="makes a cycle of configs"):
+        Experiment(child)
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path, monkeypatch):
+    """Each experiment in configs/ parses and validates (runs, sweeps, `extends`, benchmarks)
+    from the repository root, as its header says to run it."""
+    if "../shared" in path.read_text() and not (path.parents[2] / "shared" / "data").is_dir():
+        pytest.skip("reads ../shared/data, which an end user's checkout does not have")
+    monkeypatch.chdir(path.parents[1])
+    exp = Experiment(path)
+    assert exp.runs and all(exp.train_config(r) for r in exp.runs if r["method"] != "wise-ft")
 
 
 def test_eta_scales_each_kind_by_its_cost():

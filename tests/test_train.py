@@ -3,6 +3,7 @@ and one honest effect test of CFS on the real embedded default model (marked int
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -273,7 +274,9 @@ ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelera
 
 @pytest.mark.parametrize("engine", ["ddp", pytest.param("fsdp", marks=pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="accelerate runs FSDP on GPUs only (on CPUs it falls "
-    "back to DDP over gloo, MULTI_CPU); needs 2 GPUs"))])
+    "back to DDP over gloo, MULTI_CPU); needs 2 GPUs")),
+    pytest.param("deepspeed_zero2", marks=pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"))])
 def test_two_processes_match_one_process(files, tmp_path, engine):
     """`accelerate launch --config_file configs/accelerate/ENGINE.yaml` with 2 processes (gloo
     on CPUs), 2 examples each, gives the losses and gradient norms of one process with 4 (token
@@ -299,8 +302,9 @@ def test_two_processes_match_one_process(files, tmp_path, engine):
                           check=False, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     ran = json.loads((tmp_path / engine / "manifest.json").read_text())["distributed"]
-    kinds = {"ddp": ("MULTI_GPU", "MULTI_CPU"), "fsdp": ("FSDP",)}[engine]
+    kinds = {"ddp": ("MULTI_GPU", "MULTI_CPU"), "fsdp": ("FSDP",), "deepspeed_zero2": ("DEEPSPEED",)}[engine]
     assert ran["type"] in kinds and ran["processes"] == 2
+    assert ran.get("zero_stage") == (2 if engine == "deepspeed_zero2" else None)
     single = read_log(train(config(files, tmp_path / "one", max_steps=3, group_batches=1,
                                    cfs_mode="weighted", batch_size=4)))
     for a, b in zip(read_log(tmp_path / engine), single, strict=True):
@@ -310,6 +314,25 @@ def test_two_processes_match_one_process(files, tmp_path, engine):
     two = AutoModelForCausalLM.from_pretrained(tmp_path / engine)
     for (name, x), (_, y) in zip(one.state_dict().items(), two.state_dict().items(), strict=True):
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_run_draws_the_pools_first_samples_so_extending_it_changes_nothing(files, tmp_path):
+    """4 steps x 4 examples at ratio 1 draw 16 CF samples: the 60-sample pool trains exactly as
+    a folder holding only its first 16 (a pool the runner extends later leaves the run as it
+    was), and the manifest counts the other 44 as unused."""
+    short = tmp_path / "first16"
+    short.mkdir()
+    lines = (Path(files["cfs"]) / "samples.jsonl").read_text().splitlines(keepends=True)
+    (short / "samples.jsonl").write_text("".join(lines[:16]))
+    manifest = json.loads((Path(files["cfs"]) / "manifest.json").read_text())
+    (short / "manifest.json").write_text(json.dumps({**manifest, "counts": {"samples": 16}}))
+    whole = train(config(files, tmp_path / "whole", method="cfs"))
+    first = train(config(files, tmp_path / "first", method="cfs", cfs=str(short)))
+    keys = ("loss", "task_loss", "cf_loss", "grad_norm")
+    assert [[r[k] for k in keys] for r in read_log(whole)] == \
+        [[r[k] for k in keys] for r in read_log(first)]
+    counts = json.loads((whole / "manifest.json").read_text())["counts"]["cf"]
+    assert counts["kept"] == 16 and counts["unused"] == 44 and counts["rows"] == 60
 
 
 def test_eval_every_n_steps_logs_held_out_losses(files, tmp_path):

@@ -10,11 +10,12 @@ import fake_vllm
 import pytest
 
 from cftune.errors import CftuneError
-from cftune.generate import GenerateConfig, generate
+from cftune.generate import GenerateConfig, auto_engine, generate
 from cftune.models import load_model, load_tokenizer
 from cftune.sampler import sample_seed
 from cftune.samples import iter_samples, read_manifest
 from cftune.scoring import score_continuations
+from cftune.vllm_sampler import release_engine
 
 
 @pytest.fixture
@@ -22,7 +23,9 @@ def vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm.module())
     monkeypatch.setattr(fake_vllm.LLM, "instances", [])
     monkeypatch.setattr(fake_vllm.LLM, "noise", 0.0)
-    return fake_vllm
+    release_engine()  # each test starts its own engine (the kept one is another test's fake)
+    yield fake_vllm
+    release_engine()
 
 
 def run(model, out, **kw):
@@ -97,7 +100,33 @@ def test_without_vllm_a_one_line_error(monkeypatch, tiny_model, tmp_path):
 
 def test_rescore_needs_the_vllm_engine(tiny_model, tmp_path):
     with pytest.raises(CftuneError, match="rescore applies to --engine vllm"):
-        GenerateConfig(model=str(tiny_model), out=str(tmp_path), rescore=True)
+        GenerateConfig(model=str(tiny_model), out=str(tmp_path), rescore=True, engine="torch")
+
+
+def test_auto_engine_is_vllm_on_one_gpu_where_installed(vllm, monkeypatch):
+    assert auto_engine("cuda") == "vllm" and auto_engine("cpu") == "torch"
+    assert auto_engine("cuda", processes=2) == "torch"  # vLLM shards a model itself
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    assert auto_engine("cuda") == "torch"
+
+
+def test_auto_engine_on_a_cpu_is_torch_and_a_folder_keeps_its_engine(vllm, tiny_model, tmp_path):
+    torch_run = run(tiny_model, tmp_path / "t", num_samples=2, engine="auto", rescore=True)
+    m = read_manifest(torch_run)
+    assert m["engine"]["name"] == "torch" and "engine" not in m["settings"] and not vllm.LLM.instances
+    run(tiny_model, tmp_path / "v", num_samples=2)  # started with vLLM ...
+    extended = run(tiny_model, tmp_path / "v", num_samples=4, engine="auto")  # ... extended so
+    assert read_manifest(extended)["engine"]["name"] == "vllm"
+    assert [r["id"] for r in iter_samples(extended)] == list(range(4))
+
+
+def test_one_engine_draws_every_pool_of_a_model(vllm, tiny_model, tmp_path):
+    """The runner's pools (seeds, held-out set) share one engine start; each keeps its seeds."""
+    run(tiny_model, tmp_path / "a", num_samples=2, seed=1)
+    run(tiny_model, tmp_path / "b", num_samples=2, seed=2)
+    assert len(vllm.LLM.instances) == 1
+    seeds = [sp.seed for _, sp in vllm.LLM.instances[0].calls]
+    assert seeds == [sample_seed(s, i) for s in (1, 2) for i in range(2)]
 
 
 def test_engine_is_part_of_the_settings(vllm, tiny_model, tmp_path):

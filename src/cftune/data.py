@@ -260,6 +260,7 @@ class Counts:
     dropped: int = 0
     target_tokens: int = 0
     bom_skipped: int = 0  # files whose UTF-8 byte-order mark was skipped (accepted, with a note)
+    unused: int = 0  # CF samples past what the run draws (`cftune.train.first_draws`)
 
 
 def starts_with_bom(path: str | Path) -> bool:

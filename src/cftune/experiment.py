@@ -1,6 +1,7 @@
 """An experiment config: one YAML file, parsed and validated before anything runs.
 
-Config (YAML; unknown keys are errors, with the nearest allowed key suggested):
+Config (YAML; unknown keys are errors, with the nearest allowed key suggested; `extends:
+other.yaml` takes every setting of that config not given here, section by section):
 
     model: smollm2-135m-instruct
     task: {train: builtin:arithmetic, test: builtin:arithmetic, train_rows: 400, test_rows: 100,
@@ -41,7 +42,9 @@ from cftune.train import TrainConfig, cf_draws
 WISE_FT = "wise-ft"
 CF_METHODS = ("cfs", "kd")  # methods that consume the CF training pool
 STREAM_METHODS = CF_METHODS + ("contextual", "replay")  # methods with a second data stream
-RUN_KEYS = ("name", "method", "of", "alphas", "sweep", "seeds")
+RUN_KEYS = ("name", "method", "of", "alphas", "sweep", "seeds", "cf")
+CF_SWEEP = "cf."  # `sweep: {cf.temperature: [...]}` sweeps a setting of the run's CF pool
+RUNNER_SET_CF = ("model", "out", "num_samples", "seed")  # cf settings the runner sets
 PROMPTS = ("chat", "qa")  # task prompt formats (cftune.prompts), the same in every stage
 
 
@@ -139,6 +142,28 @@ class ContextualSpec:
                                        "answers are as long as the evaluation lets the model be)")
 
 
+def with_parent(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config's settings over those of the config it `extends` (a file next to it): sections
+    (`cf`, `train`, `eval`, ...) are merged key by key, other keys replaced. An ablation states
+    only what it varies and keeps every other setting, and so every cached stage, of the
+    experiment it builds on."""
+    raw = load_yaml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    parent_path = path.parent / str(parent)
+    if parent_path.resolve() in seen or parent_path.resolve() == path.resolve():
+        raise CftuneError(f"{path}: `extends: {parent}` makes a cycle of configs")
+    if not parent_path.is_file():
+        raise CftuneError(f"{path}: extends {parent}, which is not a file next to it "
+                          f"({parent_path})")
+    merged = with_parent(parent_path, (*seen, path.resolve()))
+    for key, value in raw.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if both else value
+    return merged
+
+
 def stage_key(*parts: Any) -> str:
     """A stage folder's name suffix: a hash of everything the stage depends on."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -148,9 +173,9 @@ class Experiment:
     """A parsed, validated experiment config and the stages it expands into."""
 
     def __init__(self, path: Path, out: Path | None = None):
-        raw = load_yaml(path)
+        raw = with_parent(path)
         allowed = {"name", "model", "task", "cf", "train", "eval", "runs", "seed", "seeds",
-                   "replay", "contextual"}
+                   "replay", "contextual", "ablation"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise CftuneError(f"{path}: unknown key(s) {', '.join(unknown)}"
@@ -175,13 +200,14 @@ class Experiment:
             raise CftuneError(f"{path}: replay.file {self.replay.file} not found")
         cf = dict(raw.get("cf") or {})
         self.cf_heldout = int(cf.pop("heldout", 128))
-        for banned in ("model", "out", "num_samples"):
+        for banned in RUNNER_SET_CF[:3]:
             if banned in cf:
                 raise CftuneError(f"{path}: cf.{banned} is set by the runner; remove it")
         self.cf = from_dict(GenerateConfig, {"model": self.model, **cf}, f"{path}: cf")
         self.train_defaults = dict(raw.get("train") or {})
         self._check_train_keys(self.train_defaults, f"{path}: train")
         self.runs = self._expand_runs(raw.get("runs") or [])
+        self.ablation = self._ablation(raw.get("ablation"))
         self._check_equal_task_batches()
         self._check_benchmarks()
 
@@ -218,6 +244,7 @@ class Experiment:
                 raise CftuneError(f"{where}: each run needs a `name` and a `method`")
             settings = {k: v for k, v in run.items() if k not in RUN_KEYS}
             seeds = self._run_seeds(run.get("seeds"), where)
+            cf = self._cf_overrides(run.get("cf") or {}, run, f"{where}: cf")
             if run["method"] == WISE_FT:
                 if "of" not in run or "alphas" not in run:
                     raise CftuneError(f"{where}: a wise-ft run needs `of` (a run name) and `alphas`")
@@ -232,13 +259,19 @@ class Experiment:
             sweep = run.get("sweep") or {}
             if len(sweep) > 1:
                 raise CftuneError(f"{where}: sweep over one setting at a time (got {list(sweep)})")
-            self._check_train_keys(sweep, f"{where}: sweep")
+            self._check_train_keys({k: v for k, v in sweep.items() if not k.startswith(CF_SWEEP)},
+                                   f"{where}: sweep")
             for key, values in sweep.items() or [(None, [None])]:
                 for v in values:
-                    name = run["name"] if key is None else f"{run['name']}-{key}={v}"
-                    extra = {} if key is None else {key: v}
+                    name = (run["name"] if key is None
+                            else f"{run['name']}-{key.removeprefix(CF_SWEEP)}={v}")
+                    extra = {} if key is None or key.startswith(CF_SWEEP) else {key: v}
+                    cf_extra = ({key.removeprefix(CF_SWEEP): v}
+                                if key is not None and key.startswith(CF_SWEEP) else {})
                     out.append({"name": name, "method": run["method"], "seeds": seeds,
-                                "settings": {**self.train_defaults, **settings, **extra}})
+                                "settings": {**self.train_defaults, **settings, **extra},
+                                "cf": self._cf_overrides({**cf, **cf_extra}, run,
+                                                         f"{where}: sweep")})
         out = self._replicate(out)
         names = [r["name"] for r in out]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -253,6 +286,45 @@ class Experiment:
             else:  # fail now, not after an hour of training, on bad values
                 self.train_config(r)
         return out
+
+    def _cf_overrides(self, cf: Any, run: dict[str, Any], where: str) -> dict[str, Any]:
+        """A run's own CF pool settings (`cf: {temperature: 0.8}`, `cf: {chat: true}`) over the
+        config's `cf`, checked now: the run trains on a pool drawn with them."""
+        if not cf:
+            return {}
+        if not isinstance(cf, dict):
+            raise CftuneError(f"{where}: give CF settings as a mapping, e.g. {{temperature: 0.8}}")
+        if run["method"] not in CF_METHODS:
+            raise CftuneError(f"{where}: only {' and '.join(CF_METHODS)} runs train on the CF "
+                              f"pool ('{run['method']}' does not)")
+        for banned in RUNNER_SET_CF:
+            if banned in cf:
+                raise CftuneError(f"{where}: cf.{banned} is set by the runner; remove it")
+        from_dict(GenerateConfig, {**dataclasses.asdict(self.cf), **cf}, where)
+        # Only what differs from the config's pool: `temperature: 1.0` in a sweep is that pool.
+        return {k: v for k, v in cf.items() if getattr(self.cf, k) != v}
+
+    def _ablation(self, setting: Any) -> str | None:
+        """`ablation: cf.temperature` (or a training setting such as `cfs_lambda`): the setting
+        the config varies, drawn as the x axis of `ablation.png` for its cfs and kd runs."""
+        if setting is None:
+            return None
+        where = f"{self.path}: ablation"
+        if not isinstance(setting, str):
+            raise CftuneError(f"{where}: name one setting, e.g. cf.temperature or cfs_lambda")
+        name = setting.removeprefix(CF_SWEEP)
+        known = {f.name for f in dataclasses.fields(
+            GenerateConfig if setting.startswith(CF_SWEEP) else TrainConfig)}
+        if name not in known:
+            raise CftuneError(f"{where}: unknown setting {setting}{did_you_mean(name, known)}")
+        return setting
+
+    def setting_value(self, run: dict[str, Any], setting: str) -> Any:
+        """A training run's value of `setting` (`cf.NAME`: its CF pool's), defaults included."""
+        if setting.startswith(CF_SWEEP):
+            name = setting.removeprefix(CF_SWEEP)
+            return (run.get("cf") or {}).get(name, getattr(self.cf, name))
+        return getattr(self.train_config(run), setting)
 
     def _run_seeds(self, value: Any, where: str) -> list[int]:
         """A run's own `seeds` (a subset of the experiment's: the costly runs replicated, the

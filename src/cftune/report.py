@@ -262,7 +262,7 @@ def _point(row: dict[str, Any], x_name: str, y_name: str = TASK) -> tuple[float,
     return None if x is None or y is None else (x, y)
 
 
-def _error(row: dict[str, Any], name: str) -> tuple[float, float]:
+def ci_error(row: dict[str, Any], name: str) -> tuple[float, float]:
     """(below, above) of the 95% interval: `ci95`, else ±1.96·stderr, else none."""
     m = metric(row, name)
     if not m:
@@ -385,7 +385,7 @@ def _panel(ax: Any, rows: list[dict[str, Any]], x_name: str, y_name: str,
         p = _point(r, x_name, y_name)
         if p is None:
             continue
-        xerr, yerr = _error(r, x_name), _error(r, y_name)
+        xerr, yerr = ci_error(r, x_name), ci_error(r, y_name)
         style = _style(r, rows, colors)
         ax.errorbar([p[0]], [p[1]], xerr=[[xerr[0]], [xerr[1]]], yerr=[[yerr[0]], [yerr[1]]],
                     ecolor=style["color"], elinewidth=1, capsize=2, alpha=0.9, ls="none", **style)
@@ -478,6 +478,11 @@ def write_report(rows: list[dict[str, Any]], folder: str | os.PathLike,
         "the mean paired Δ accuracy against the base over the benchmarks.\n\n")
         + paired_markdown(rows) + comparisons_markdown(list(comparisons)))
     plot_tradeoff(rows, paths["png"], title=title, y_name=y_name)
+    setting = next((r["ablation"] for r in rows if "ablation" in r), None)
+    if setting:  # the config varies one setting: its own plot (cftune.ablation)
+        from cftune.ablation import ABLATION_PNG, plot_ablation
+
+        paths["ablation"] = plot_ablation(rows, folder / ABLATION_PNG, setting)
     return paths
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from cftune.config import field, from_dict
 from cftune.errors import CftuneError
 from cftune.experiment import CF_METHODS, WISE_FT, Experiment
 from cftune.experiment import stage_key as _key
-from cftune.generate import GenerateConfig, without_later_defaults
+from cftune.generate import GenerateConfig, auto_engine, without_later_defaults
 from cftune.locking import output_lock
 from cftune.models import fingerprint
 from cftune.run_eval import evaluate_one
@@ -39,6 +40,9 @@ class RunConfig:
 
     experiment: str = field("configs/quickstart.yaml", "experiment YAML file")
     out: str | None = field(None, "experiment folder (default: experiments/<file name>)")
+    stages: str | None = field(None, "folder of the stages (data, CF pools, trained models, "
+                               "evaluations), shared by configs run into it: a stage another "
+                               "config already ran is reused (default: the experiment folder)")
     only: list[str] = field([], "run only these runs (and what they need)")
     dry_run: bool = field(False, "print the stages and whether each is cached, then stop")
 
@@ -57,12 +61,18 @@ class Stage:
     cost: float = 1.0
 
 
+def _pool_id(run: dict[str, Any]) -> str:
+    """Which CF pool a run trains on: its own `cf` settings, as canonical JSON ("{}": the
+    config's pool)."""
+    return json.dumps(run.get("cf") or {}, sort_keys=True)
+
+
 class Runner:
     """Turns an `Experiment` into stages and runs those not cached."""
 
-    def __init__(self, exp: Experiment, only: list[str]):
+    def __init__(self, exp: Experiment, only: list[str], stages: Path | None = None):
         self.exp = exp
-        self.out = exp.out
+        self.out = stages or exp.out  # where the stages live; the report goes to exp.out
         unknown = sorted(set(only) - {r["name"] for r in exp.runs})
         if unknown:
             raise CftuneError(f"--only: unknown run(s) {', '.join(unknown)}")
@@ -99,14 +109,20 @@ class Runner:
             "max_new_tokens": exp.contextual.max_new_tokens or exp.eval.max_new_tokens}
         # Fresh samples per seed: the CF draw is part of what a seed replicates. Seed `seed`
         # draws from the pool seed `cf.seed` (so a one-seed config keeps its folders).
-        self.pool: dict[int, Path] = {}
+        # A run's own `cf` settings (an ablation of the CF temperature or start) give it a pool
+        # of its own; the runs without share the config's.
+        self.pool: dict[tuple[int, str], Path] = {}
         self.contextual: dict[int, Path] = {}
         for s in dict.fromkeys(r["seed"] for r in trained):
             mine = [r for r in trained if r["seed"] == s]
             cf_seed, tag = exp.cf.seed + s - exp.seed, f"-s{s}" if len(exp.seeds) > 1 else ""
-            need = max([exp.cf_consumed(r) for r in mine if r["method"] in CF_METHODS] or [0])
-            if need:
-                self.pool[s] = self._generate_stage(f"cf-pool{tag}", cf_settings, need, cf_seed)
+            for over in dict.fromkeys(_pool_id(r) for r in mine if r["method"] in CF_METHODS):
+                need = max(exp.cf_consumed(r) for r in mine
+                           if r["method"] in CF_METHODS and _pool_id(r) == over)
+                own = json.loads(over)
+                name = "cf-pool" + "".join(f"-{k}={v}" for k, v in own.items()) + tag
+                self.pool[s, over] = self._generate_stage(name, {**cf_settings, **own}, need,
+                                                          cf_seed)
             need = max([exp.cf_consumed(r) for r in mine if r["method"] == "contextual"] or [0])
             if need:  # the base's own answers to the training prompts, posed as in training
                 self.contextual[s] = self._generate_stage(f"contextual{tag}", contextual_settings,
@@ -137,7 +153,7 @@ class Runner:
             else:
                 stream = {"replay": self.replay_file,
                           "contextual": self.contextual.get(r["seed"])}.get(
-                    r["method"], self.pool.get(r["seed"]))
+                    r["method"], self.pool.get((r["seed"], _pool_id(r))))
                 settings = exp.train_settings(r, self.train_file, stream)
                 folder = self.out / "runs" / f"{r['name']}-{_key(settings, self.base_fp)}"
                 examples = (settings.get("max_steps") or 1) * (settings.get("batch_size") or 1)
@@ -190,6 +206,9 @@ class Runner:
         from cftune.generate import generate
 
         settings = {**settings, "seed": seed, "num_samples": n}
+        if settings.get("engine", "auto") == "auto":  # keyed by the engine that will draw
+            engine = auto_engine(settings.get("device", "auto"))
+            settings.update(engine=engine, rescore=settings.get("rescore", False) and engine == "vllm")
         # The folder is keyed without the count: asking for more samples extends it (sample i
         # is the same either way), so a longer training run reuses what was drawn.
         key = _key(without_later_defaults({**settings, "out": None, "num_samples": None}),
@@ -314,6 +333,11 @@ class Runner:
                         "value": row["stream_capped"], "stderr": None, "ci95": None, "n": None}
             if run is not None:
                 row["metrics"].update(paired_metrics([results["base"]], [results[name]]))
+            if self.exp.ablation and run is not None and run["method"] in CF_METHODS:
+                cfg = self.exp.train_config(run)
+                row.update(ablation=self.exp.ablation,
+                           x=self.exp.setting_value(run, self.exp.ablation),
+                           curve=cfg.method + (f" ({cfg.cfs_mode})" if cfg.method == "cfs" else ""))
             rows.append(row)
         sets = {r["metrics"]["kl"].get("samples_digest") for r in rows}
         if len(sets) > 1:
@@ -325,7 +349,8 @@ class Runner:
                 if group == "base" or len(members) < 2:  # a one-seed run is its own row
                     continue
                 first = members[0]
-                rows.append({**{k: first.get(k) for k in ("method", "alpha")},
+                rows.append({**{k: first.get(k) for k in ("method", "alpha", "ablation", "x",
+                                                          "curve") if k in first},
                              "run": f"{group} ({len(members)} seeds)", "group": group,
                              "seeds": [m["seed"] for m in members],
                              "parent": first["parent"] and first["parent"].rsplit("-s", 1)[0],
@@ -397,16 +422,19 @@ def run(config: RunConfig) -> Path | None:
 
     path = Path(config.experiment)
     exp = Experiment(path, Path(config.out) if config.out else None)
-    runner = Runner(exp, config.only)
-    with contextlib.nullcontext() if config.dry_run else output_lock(runner.out):
+    runner = Runner(exp, config.only, Path(config.stages) if config.stages else None)
+    with contextlib.ExitStack() as locks:
+        if not config.dry_run:
+            for folder in dict.fromkeys((runner.out, exp.out)):
+                locks.enter_context(output_lock(folder))
         done = runner.run(dry_run=config.dry_run)
         if done is None:
             return None
         rows, comparisons = done
-        write_report(rows, runner.out, y_name=exp.eval.plot_y, comparisons=comparisons)
-        atomic_write_json(runner.out / "results.json", rows)
-        atomic_write_json(runner.out / "comparisons.json", comparisons)
+        write_report(rows, exp.out, y_name=exp.eval.plot_y, comparisons=comparisons)
+        atomic_write_json(exp.out / "results.json", rows)
+        atomic_write_json(exp.out / "comparisons.json", comparisons)
     print_table(rows)
-    print(f"wrote {runner.out}/results.csv, results.md, results.json, comparisons.json, "
-          f"tradeoff.png (`cftune report {runner.out}` re-renders them)")
-    return runner.out
+    print(f"wrote {exp.out}/results.csv, results.md, results.json, comparisons.json, "
+          f"tradeoff.png (`cftune report {exp.out}` re-renders them)")
+    return exp.out

@@ -532,7 +532,25 @@ def build_data(config: TrainConfig, tokenizer) -> tuple[data.ExampleDataset, dic
     if config.spec.stream:
         path = config.replay if config.spec.stream == "replay" else config.cfs
         stream, counts["cf"] = examples(config, tokenizer, config.spec.stream, path)
+        if config.spec.stream == "cf":
+            stream, counts["cf"] = first_draws(config, stream, counts["cf"], counts["task"].kept)
     return data.ExampleDataset(task, stream), counts
+
+
+def first_draws(config: TrainConfig, pool: list[dict], counts: data.Counts, n_task: int
+                ) -> tuple[list[dict], data.Counts]:
+    """The CF samples a run trains on: the pool's first `cf_draws` (all processes together).
+
+    Why: the samples are i.i.d. draws, so the first N are as good as any N, and a pool extended
+    later (the runner extends a pool when another run of the config draws more) leaves this
+    run's data, and its result, as they were; a shuffle of the whole pool would not."""
+    need = cf_draws(config, n_task) * int(os.environ.get("WORLD_SIZE", "1"))
+    if len(pool) <= need:
+        return pool, counts
+    kept = pool[:need]
+    tokens = sum(sum(t != -100 for t in e["labels"]) for e in kept)
+    return kept, dataclasses.replace(counts, kept=need, unused=len(pool) - need,
+                                     target_tokens=tokens)
 
 
 def cf_draws(config: TrainConfig, n_task: int) -> int:
@@ -743,8 +761,10 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), trainer_cls: type 
     train_ds, counts = build_data(config, tokenizer)
     eval_ds = build_eval_data(config, tokenizer) if config.eval_steps else None
     for name, c in counts.items():
+        unused = f", the pool's last {c.unused} not drawn by this run" if c.unused else ""
         print(f"cftune train: {name} data: {c.kept} examples of {c.rows} rows "
-              f"({c.truncated} truncated, {c.dropped} dropped), {c.target_tokens} target tokens")
+              f"({c.truncated} truncated, {c.dropped} dropped{unused}), {c.target_tokens} "
+              "target tokens")
     warn_if_cf_repeats(config, counts)
     model, anchors = build_model(config)
     dtype, chosen = precision.resolve(config.dtype, resolve_device(config.device))
@@ -768,11 +788,19 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), trainer_cls: type 
     result = trainer.train(resume_from_checkpoint=resume_from)
     facts = {"flow_weights": flow, "cf_pool": pool, "precision": chosen,
              "chunked_loss": chunked_loss(config, args.device),
-             "distributed": {"type": ran,
-                             "processes": trainer.accelerator.num_processes},
+             "distributed": _distributed_facts(trainer.accelerator),
              "doc_start_ids": known_doc_start(tokenizer, config.doc_start)}
     return _save(trainer, tokenizer, config, out, inputs, counts, facts, result,
                  time.perf_counter() - started)
+
+
+def _distributed_facts(accelerator) -> dict[str, Any]:
+    """How the processes shared the work, for the manifest (the ZeRO stage under DeepSpeed)."""
+    facts = {"type": accelerator.distributed_type.value, "processes": accelerator.num_processes}
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        facts["zero_stage"] = plugin.zero_stage
+    return facts
 
 
 def _save(trainer, tokenizer, config: TrainConfig, out: Path, inputs: dict[str, str],

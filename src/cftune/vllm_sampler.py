@@ -21,6 +21,7 @@ its kernels' log-probs differ from a torch forward by float rounding; `--rescore
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 
 from cftune.errors import CftuneError
@@ -44,6 +45,22 @@ def load_vllm():
     return vllm
 
 
+@functools.lru_cache(maxsize=1)
+def engine(model_path: str, dtype: str, max_logprobs: int):
+    """The vLLM `LLM` for a model, kept for the next pool drawn from it in this process: the
+    runner draws several pools (seeds, held-out set) from one base, and an engine start costs
+    minutes (153 s on a 2-core CPU). Samples do not depend on the engine's own seed (each
+    request has its own). `release_engine()` frees it (GPU memory, in a notebook)."""
+    return load_vllm().LLM(
+        model=model_path, tokenizer=model_path, dtype=VLLM_DTYPES[dtype], seed=0,
+        generation_config="vllm", logprobs_mode="raw_logprobs", max_logprobs=max_logprobs)
+
+
+def release_engine() -> None:
+    """Drop the kept vLLM engine (it is rebuilt on the next `--engine vllm` draw)."""
+    engine.cache_clear()
+
+
 class VLLMSampler:
     """Draws `Job`s with a vLLM `LLM`; the interface of `sampler.ContinuousSampler`."""
 
@@ -53,10 +70,7 @@ class VLLMSampler:
         self.params, self.seed, self.topk = params, seed, topk_logprobs
         self.stop_ids = sorted(set(stop_ids))
         self.tokens_sampled = 0
-        self.llm = self.vllm.LLM(
-            model=model_path, tokenizer=model_path, dtype=VLLM_DTYPES[dtype], seed=seed,
-            generation_config="vllm", logprobs_mode="raw_logprobs",
-            max_logprobs=max(20, topk_logprobs))
+        self.llm = engine(model_path, dtype, max(20, topk_logprobs))
 
     def sampling_params(self, job_id: int):
         """vLLM's `SamplingParams` for sample `job_id`: every knob set, nothing left to defaults."""
