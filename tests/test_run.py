@@ -352,8 +352,16 @@ def test_seeds_replicate_runs_and_the_report_pairs_them(tiny_model, tmp_path, ca
     assert "paired/task_nll" in rows["full (2 seeds)"]["metrics"]
     comparisons = json.loads((out / "comparisons.json").read_text())
     assert comparisons[0]["ref"] == "full" and "paired/kl" in comparisons[0]["metrics"]
+    ratio = comparisons[0]["metrics"]["ratio/kl"]  # cfs's KL as a fraction of full's, per seed
+    per_seed = [rows[f"cfs-s{s}"]["metrics"]["kl"]["value"] / kls[s] for s in (0, 1)]
+    assert ratio["value"] == pytest.approx(sum(per_seed) / 2) and ratio["n"] == 2
+    gains = [[rows[f"{m}-s{s}"]["metrics"]["paired/task_nll"]["value"] for s in (0, 1)]
+             for m in ("full", "cfs")]
+    assert comparisons[0]["metrics"]["ratio/task_gain"]["value"] == pytest.approx(
+        sum(c / f for f, c in zip(*gains)) / 2)
     md = (out / "results.md").read_text()
     assert "## Paired against the base" in md and "cfs vs full" in md
+    assert "As fractions of full's, seed by seed (2 seeds" in md
     (out / "results.md").unlink()
     assert cli_main(["report", str(out)]) == 0
     assert (out / "results.md").read_text() == md

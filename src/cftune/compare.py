@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cftune.evaluate import paired
-from cftune.report import BENCH_PAIRED, PAIRED_PREFIXES
+from cftune.report import BENCH_PAIRED, PAIRED_PREFIXES, RATIOS
 
 BENCH_PREFIX = "bench/"
 
@@ -111,6 +111,43 @@ def paired_metrics(ref: Sequence[dict], model: Sequence[dict],
         out[BENCH_PAIRED] = {"value": mean, "stderr": se,
                                    "ci95": [mean - paired.Z95 * se, mean + paired.Z95 * se],
                                    "n": sum(d["n"] or 0 for d in deltas)}
+    return out
+
+
+def _per_seed(base: dict, result: dict) -> dict[str, float]:
+    """The quantities of `RATIOS` for one evaluated run, in nats: task gain (the fall of the
+    reference solutions' NLL below the base's), the two KLs to the base, and the rise of the
+    instructions' reference NLL above the base's (gain and rise on the same items)."""
+    items, ref = result.get("items", {}), base.get("items", {})
+    out = {}
+    if "task_nll" in items and "task_nll" in ref:
+        out["ratio/task_gain"] = _mean(ref["task_nll"]) - _mean(items["task_nll"])
+    if "instr_ref_nll" in items and "instr_ref_nll" in ref:
+        out["ratio/instr_ref_nll_rise"] = _mean(items["instr_ref_nll"]) - _mean(ref["instr_ref_nll"])
+    for name in ("kl", "instr_kl"):
+        if name in result.get("metrics", {}):
+            out[f"ratio/{name}"] = result["metrics"][name]["value"]
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def seed_ratios(base: dict, ref: Sequence[dict], model: Sequence[dict]) -> dict[str, dict[str, Any]]:
+    """`model` as a fraction of `ref` (e.g. cfs's task gain as a fraction of full's), seed by
+    seed (`ref[i]` and `model[i]` share seed i: data order and CF draw), then the mean of the
+    per-seed ratios with a t interval over seeds. Why per seed: a seed's runs share their task
+    batches, so their ratio cancels what that seed's data did to both."""
+    if len(ref) != len(model) or not ref:
+        raise ValueError("seed_ratios needs one ref and one model result per seed")
+    pairs = [(_per_seed(base, r), _per_seed(base, m)) for r, m in zip(ref, model)]
+    out = {}
+    for name in RATIOS:
+        if all(name in r and name in m and r[name] != 0 for r, m in pairs):
+            s = paired.seed_interval([m[name] / r[name] for r, m in pairs])
+            out[name] = {"value": s["value"], "stderr": s["stderr"] if s["n"] > 1 else None,
+                         "ci95": s["ci95"], "n": s["n"]}
     return out
 
 

@@ -42,6 +42,8 @@ from cftune.samples import atomic_write_text
 BASE = "base"
 TASK, TASK_NLL, KL, BENCH = "task_acc", "task_nll", "kl", "bench_avg"
 INSTR_KL, INSTR_NLL, BENCH_PAIRED = "instr_kl", "instr_ref_nll", "bench_paired_avg"
+# A run's quantity as a fraction of another run's, seed by seed (`cftune.compare.seed_ratios`).
+RATIOS = ("ratio/task_gain", "ratio/kl", "ratio/instr_kl", "ratio/instr_ref_nll_rise")
 PAIRED_PREFIXES = ("paired/", "margin/")  # measured against another model: tables of their own
 TASK_AXES = (TASK, TASK_NLL)  # what the plot's y axis may show
 FORGETTING_AXES = (KL, INSTR_KL, BENCH_PAIRED)  # a plot panel each, when measured
@@ -177,14 +179,15 @@ def print_table(rows: list[dict[str, Any]], file: TextIO | None = None) -> None:
           file=file or sys.stdout)
 
 
-def _fmt_interval(m: dict[str, Any] | None) -> str:
-    """`+0.012 [−0.004, +0.030]*`: the paired Δ, its 95% interval, * when it excludes 0."""
+def _fmt_interval(m: dict[str, Any] | None, sign: bool = True) -> str:
+    """`+0.012 [−0.004, +0.030]*`: the paired Δ, its 95% interval, * when it excludes 0
+    (`sign` False for a ratio: `0.65 [0.58, 0.72]`)."""
     if m is None:
         return MISSING
     ci = m.get("ci95")
-    text = fmt_number(float(m["value"]), sign=True)
+    text = fmt_number(float(m["value"]), sign=sign)
     if ci:
-        text += f" [{fmt_number(ci[0], sign=True)}, {fmt_number(ci[1], sign=True)}]"
+        text += f" [{fmt_number(ci[0], sign=sign)}, {fmt_number(ci[1], sign=sign)}]"
     return text + ("*" if m.get("significant") else "")
 
 
@@ -226,6 +229,13 @@ def comparisons_markdown(comparisons: list[dict[str, Any]]) -> str:
                    if n in c["metrics"]]
         out.append(f"**{c['model']} vs {c['ref']}**: " + "; ".join(
             f"{n.replace('paired/', 'Δ ')} {_fmt_interval(m)}" for n, m in singles) + "\n")
+        ratios = [(n, c["metrics"][n]) for n in RATIOS if n in c["metrics"]]
+        if ratios:
+            n_seeds = ratios[0][1]["n"]
+            out.append(f"As fractions of {c['ref']}'s, seed by seed ({n_seeds} seed"
+                       f"{'s' if n_seeds > 1 else ''}; t interval over seeds): " + "; ".join(
+                f"{n.removeprefix('ratio/').replace('_', ' ')} {_fmt_interval(m, sign=False)}"
+                for n, m in ratios) + "\n")
         out.append(paired_markdown([row], title="").replace("## \n\n", ""))
     return "\n".join(out)
 

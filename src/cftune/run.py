@@ -311,7 +311,7 @@ class Runner:
         """(rows, comparisons): a row per evaluated model with its metrics and its paired
         metrics against the base; with several seeds, a row per run group (`NAME (n seeds)`)
         averaging the seeds; and the paired comparisons `eval.compare` asks for."""
-        from cftune.compare import paired_metrics, seed_metrics
+        from cftune.compare import paired_metrics, seed_metrics, seed_ratios
 
         results, rows = {}, []
         for name, model in self.models.items():
@@ -365,8 +365,11 @@ class Runner:
                       f"{a if a not in groups else b} is not evaluated in this invocation")
                 continue
             ref, model = ([results[m["run"]] for m in groups[g]] for g in (a, b))
-            comparisons.append({"ref": a, "model": b,
-                                "metrics": paired_metrics(ref, model, with_kl=True)})
+            metrics = paired_metrics(ref, model, with_kl=True)
+            seeds = [[m["seed"] for m in groups[g]] for g in (a, b)]
+            if seeds[0] == seeds[1]:  # the same seeds on both sides: ratios seed by seed
+                metrics.update(seed_ratios(results["base"], ref, model))
+            comparisons.append({"ref": a, "model": b, "metrics": metrics})
         return rows, comparisons
 
 
