@@ -1,7 +1,8 @@
 """Training throughput: cftune `full` against the plain transformers `Trainer` a user would write,
 the step time of `kd` against `mix` (issue 3, "Speed"), and the chunked output-layer loss against
-the full logits and with gradient checkpointing on top (tokens/s and peak memory, each run in its
-own process). Prints one JSON line.
+the full logits (`before`), with gradient checkpointing on top, and with freed memory returned to
+the system as well (`--mmap-threshold`, cftune.memory) (tokens/s and peak memory, each run in
+its own process). Prints one JSON line.
 
 Same model, examples (tokenised once by `cftune.data`), batch size, dtype and number of steps for
 both engines; the plain run uses `DataCollatorForSeq2Seq` (padding to the longest row of randomly
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from cftune import data
+from cftune import data, memory
 from cftune.generate import GenerateConfig, generate
 from cftune.models import DEFAULT_MODEL, load_model, load_tokenizer
 from cftune.tasks import resolve_task, write_jsonl
@@ -153,8 +154,12 @@ def main() -> None:
             cf = {"cfs": str(generate(GenerateConfig(
                 model=a.model, out=str(root / "cf"), device=a.device,
                 num_samples=a.steps * a.batch_size, max_new_tokens=a.max_length, dtype=a.dtype)))}
-        variants = {"chunked": {"chunked_loss": True}, "full_logits": {"chunked_loss": False},
-                    "chunked_ckpt": {"chunked_loss": True, "gradient_checkpointing": True}}
+        # `before`: the full logits, as training ran before issue 13; `_mmap`: with freed
+        # memory returned to the system (`--mmap-threshold 1048576`, cftune.memory).
+        ckpt = {"chunked_loss": True, "gradient_checkpointing": True}
+        variants = {"before": {"chunked_loss": False}, "chunked": {"chunked_loss": True},
+                    "chunked_ckpt": ckpt,
+                    "chunked_ckpt_mmap": {**ckpt, "mmap_threshold": memory.DEFAULT_THRESHOLD}}
         for tag, switches in variants.items():
             tps, step_s, peak, gpu = isolated_run(TrainConfig(
                 out=str(root / tag), method=a.method, **switches, **cf, **common))
@@ -162,14 +167,13 @@ def main() -> None:
                             f"{tag}_peak_gib": round(peak, 2),
                             f"{tag}_gpu_peak_gib": None if gpu is None else round(gpu, 2)})
             print(json.dumps({k: v for k, v in figures.items() if k.startswith(tag)}), flush=True)
-        memory = "gpu_peak_gib" if figures["chunked_gpu_peak_gib"] is not None else "peak_gib"
-        figures.update(method=a.method, memory=memory, speed_ratio=round(
-            figures["chunked_tokens_per_s"] / figures["full_logits_tokens_per_s"], 3),
-            memory_ratio=round(figures[f"chunked_{memory}"] / figures[f"full_logits_{memory}"], 3),
-            ckpt_speed_ratio=round(
-                figures["chunked_ckpt_tokens_per_s"] / figures["full_logits_tokens_per_s"], 3),
-            ckpt_memory_ratio=round(
-                figures[f"chunked_ckpt_{memory}"] / figures[f"full_logits_{memory}"], 3))
+        mem_key = "gpu_peak_gib" if figures["chunked_gpu_peak_gib"] is not None else "peak_gib"
+        figures.update(method=a.method, memory=mem_key)
+        for tag in list(variants)[1:]:  # each against `before`, measured in this run
+            figures[f"{tag}_speed_ratio"] = round(
+                figures[f"{tag}_tokens_per_s"] / figures["before_tokens_per_s"], 3)
+            figures[f"{tag}_memory_ratio"] = round(
+                figures[f"{tag}_{mem_key}"] / figures[f"before_{mem_key}"], 3)
         print(json.dumps(figures))
         return
     if a.only != "kd":
