@@ -151,3 +151,22 @@ def test_error_bars_use_ci95_else_stderr(rows):
     assert report.ci_error(full, "task_acc") == pytest.approx((0.06, 0.06))
     assert report.ci_error(full, "kl") == pytest.approx((1.96 * 1.5, 1.96 * 1.5))
     assert report.ci_error(rows[3], "kl") == (0.0, 0.0)
+
+
+def test_ablation_plot_numbers_on_a_scale_switches_as_categories(tmp_path):
+    from cftune.ablation import _positions, plot_ablation
+
+    assert _positions([0.5, 1.2, 0.8]) == ({0.5: 0.5, 0.8: 0.8, 1.2: 1.2}, True)
+    assert _positions([True, False, True]) == ({False: 0.0, True: 1.0}, False)
+
+    def row(run, method, x=None, kl=1.0):
+        r = {"run": run, "method": method, "group": run,
+             "metrics": {"kl": {"value": kl, "stderr": 0.1, "ci95": [kl - 0.2, kl + 0.2], "n": 8}}}
+        return {**r, "x": x, "curve": method, "ablation": "cf.chat"} if x is not None else r
+    rows = [row("base", "base", kl=0.0), row("full", "full", kl=3.0),
+            row("cfs", "cfs", False, 2.0), row("cfs-chat", "cfs", True, 1.5),
+            row("kd", "kd", False, 1.0), row("kd-chat", "kd", True, 0.8)]
+    path = plot_ablation(rows, tmp_path / "a.png", "cf.chat")
+    assert path.stat().st_size > 0
+    assert plot_ablation([row("base", "base"), row("full", "full")], tmp_path / "b.png",
+                         "cf.chat") is None and not (tmp_path / "b.png").exists()
