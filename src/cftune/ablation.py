@@ -60,7 +60,7 @@ def plot_ablation(rows: list[dict[str, Any]], path: str | os.PathLike, setting: 
     refs = [r for r in rows if "x" not in r and r.get("method") != BASE]
     panels = [(m, t) for m, t in PANELS if any(value(r, m) is not None for r in points)]
     pos, numeric = _positions([r["x"] for r in points])
-    fig = Figure(figsize=(3.6 * len(panels), 3.8), dpi=150, layout="constrained")
+    fig = Figure(figsize=(max(3.6 * len(panels), 6.5), 3.8), dpi=150, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     palette = colormaps["tab10"].colors
@@ -91,8 +91,8 @@ def plot_ablation(rows: list[dict[str, Any]], path: str | os.PathLike, setting: 
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle(title or f"Ablation of {setting}: 95% intervals; base at 0, "
-                 f"{', '.join(r['run'] for r in refs) or 'no reference'} as lines", fontsize=10)
+    fig.suptitle(title or f"Ablation of {setting} (95% intervals; base at 0; lines: "
+                 f"{', '.join(r['run'] for r in refs) or 'none'})", fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
