@@ -30,6 +30,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
     detokenize: bool = True
     repetition_penalty: float = 1.0
@@ -70,10 +71,11 @@ class LLM:
     noise: float = 0.0
 
     def __init__(self, model: str, **kwargs):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.kwargs = {"model": model, **kwargs}
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model)  # for stop strings
         self.calls: list[tuple[list[int], SamplingParams]] = []
         LLM.instances.append(self)
 
@@ -86,12 +88,12 @@ class LLM:
 
     def _one(self, i: int, prompt: list[int], sp: SamplingParams) -> RequestOutput:
         self.calls.append((list(prompt), sp))
-        gen = torch.Generator().manual_seed(sp.seed)
+        gen = torch.Generator().manual_seed(sp.seed if sp.seed is not None else 0)
         ids, out_ids, positions, reason = list(prompt), [], [], "length"
         for _ in range(sp.max_tokens):
             raw = torch.log_softmax(self.model(torch.tensor([ids])).logits[0, -1].float(), -1)
-            token = int(torch.multinomial(torch.softmax(raw / sp.temperature, -1), 1,
-                                          generator=gen))
+            token = int(raw.argmax()) if sp.temperature == 0 else int(torch.multinomial(
+                torch.softmax(raw / sp.temperature, -1), 1, generator=gen))
             top = torch.topk(raw, sp.logprobs or 1)
             entry = {int(t): Logprob(float(v) + self.noise, rank=r + 1)
                      for r, (v, t) in enumerate(zip(top.values, top.indices))}
@@ -99,7 +101,8 @@ class LLM:
             ids.append(token)
             out_ids.append(token)
             positions.append(entry)
-            if token in sp.stop_token_ids:
+            if token in sp.stop_token_ids or (sp.stop and any(
+                    t in self.tokenizer.decode(out_ids) for t in sp.stop)):
                 reason = "stop"
                 break
         return RequestOutput(str(i), list(prompt), [CompletionOutput(

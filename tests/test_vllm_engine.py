@@ -138,3 +138,44 @@ def test_engine_is_part_of_the_settings(vllm, tiny_model, tmp_path):
         run(tiny_model, tmp_path / "v", num_samples=4, engine="torch")
     torch_run = run(tiny_model, tmp_path / "t", num_samples=2, engine="torch")
     assert "engine" not in read_manifest(torch_run)["settings"]
+
+
+# ------------------------------------------------------------------ greedy decoding in `cftune eval`
+
+def test_task_accuracy_decoded_by_vllm_equals_the_torch_loop(vllm, tiny_model, tmp_path):
+    """`decoder("vllm", ...)` gives task_accuracy the same answers as cftune's torch loop
+    (greedy, cut at the same stop strings), asking vLLM for T = 0 and the stop strings."""
+    import json
+
+    from cftune.evaluate.task_accuracy import STOP, decoder, task_accuracy
+
+    rows = [{"question": f"What is {i}+{i}?", "answer": f"#### {2 * i}"} for i in range(4)]
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(tiny_model)
+    torch_run = task_accuracy(load_model(tiny_model, "cpu", "fp32", inference=True), tok, task,
+                              max_new_tokens=12, batch_size=2)
+    model = load_model(tiny_model, "cpu", "fp32", inference=True)
+    assert decoder("auto", model, str(tiny_model), tok, 12, "fp32") == ("torch", None)  # a CPU
+    engine, decode = decoder("vllm", model, str(tiny_model), tok, 12, "fp32")
+    vllm_run = task_accuracy(model, tok, task, max_new_tokens=12, decode=decode)
+    assert engine == "vllm" and vllm_run["correct"] == torch_run["correct"]
+    assert [e["output"] for e in vllm_run["examples"]] == [e["output"] for e in torch_run["examples"]]
+    sp = vllm.LLM.instances[0].calls[0][1]
+    assert sp.temperature == 0.0 and list(sp.stop) == list(STOP) and sp.max_tokens == 12
+
+
+def test_vllm_does_not_decode_a_lora_adapter(vllm, tiny_model, tmp_path):
+    from cftune.evaluate.task_accuracy import decoder
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    model = load_model(tiny_model, "cpu", "fp32", inference=True)
+    with pytest.raises(CftuneError, match="LoRA adapter, which vLLM does not decode"):
+        decoder("vllm", model, str(tmp_path), load_tokenizer(tiny_model), 8, "fp32")
+
+
+def test_an_unknown_decode_engine_is_one_line_error(tmp_path):
+    from cftune.evaluate.stage import EvalConfig
+
+    with pytest.raises(CftuneError, match="decode_engine must be one of auto, torch, vllm"):
+        EvalConfig(task=str(tmp_path / "t.jsonl"), decode_engine="tgi")

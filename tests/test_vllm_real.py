@@ -133,3 +133,35 @@ def test_a_killed_run_resumes_without_lost_or_repeated_samples(model_dir, tmp_pa
     assert records[:16] == first
     extended = list(iter_samples(draw(model_dir, out, num_samples=48, batch_size=2)))
     assert extended[:40] == records and [r["id"] for r in extended] == list(range(48))
+
+
+def test_greedy_task_answers_are_the_torch_models(model_dir, tmp_path):
+    """`cftune eval --decode-engine vllm`: the greedy answers of the fp32 torch model (one prompt
+    at a time through transformers' own `generate`: cftune's batched loop needs the newer
+    transformers this environment cannot have), cut at the same stop strings."""
+    from cftune.evaluate.task_accuracy import (
+        STOP,
+        cut_at_stop,
+        decoder,
+        encode_prompt,
+        task_accuracy,
+    )
+    from cftune.models import load_tokenizer
+    from cftune.tasks import resolve_task, write_jsonl
+
+    task = tmp_path / "task.jsonl"
+    rows = resolve_task("builtin:arithmetic", "test", 6, 0)
+    write_jsonl(rows, task)
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, "cpu", "fp32", inference=True)
+    reference = []
+    for r in rows[:3]:  # task_accuracy's `examples` are the first three
+        ids = encode_prompt(tok, r["question"], "qa")
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                 stop_strings=list(STOP), tokenizer=tok)
+        reference.append(cut_at_stop(tok.decode(out[0, len(ids):], skip_special_tokens=True)))
+    engine, decode = decoder("vllm", model, str(model_dir), tok, 32, "fp32")
+    vllm_run = task_accuracy(model, tok, task, max_new_tokens=32, decode=decode)
+    assert engine == "vllm" and [e["output"] for e in vllm_run["examples"]] == \
+        [text[:400] for text in reference]

@@ -33,6 +33,7 @@ from typing import Any
 from cftune import precision
 from cftune.config import field, from_dict, load_yaml
 from cftune.errors import CftuneError, did_you_mean
+from cftune.evaluate.task_accuracy import DECODE_ENGINES
 from cftune.generate import GenerateConfig
 from cftune.models import DEFAULT_MODEL, DTYPES
 from cftune.prompts import PromptSpec
@@ -103,6 +104,8 @@ class EvalSpec:
     decode_dtype: str = field("fp32", "precision of greedy task decoding: fp32 | bf16 | fp16 | "
                               "auto (the machine's faster, cftune.precision); not fp32 flips "
                               "near-ties, so the default keeps task accuracy machine-independent")
+    decode_engine: str = field("auto", "greedy task decoding by torch | vllm | auto (vLLM on one "
+                               "GPU where it is installed, for whole models; torch elsewhere)")
     data_dir: str | None = field(None, "folder holding benchmark files (default: auto)")
     instructions: str | None = field(None, "held-out instructions (JSONL with prompt/reference, "
                                      "or the self-instruct seed format) for instr_kl and "
@@ -127,6 +130,9 @@ class EvalSpec:
         for key in ("offset", "instruction_offset"):
             if getattr(self, key) < 0:
                 raise CftuneError(f"eval.{key} must be >= 0 (got {getattr(self, key)})")
+        if self.decode_engine not in DECODE_ENGINES:
+            raise CftuneError(f"eval.decode_engine '{self.decode_engine}' is not one of "
+                              f"{', '.join(DECODE_ENGINES)}")
         if self.plot_y not in TASK_AXES:
             raise CftuneError(f"eval.plot_y '{self.plot_y}' is not one of {', '.join(TASK_AXES)}")
         if self.plot_y == "task_acc" and not self.task_acc:

@@ -162,6 +162,7 @@ class Runner:
             self.models[r["name"]] = folder
         measured = {k: v for k, v in dataclasses.asdict(exp.eval).items()
                     if k not in ("plot_y", "compare")  # report settings, not measurements
+                    and not (k == "decode_engine" and v == "auto")  # added later: old keys
                     and not (k.startswith("instruction") and exp.eval.instructions is None)}
         # The held-out folder is extended in place when `cf.heldout` grows: the count is part of
         # the key (sample i is fixed), so a changed count re-scores every model on the new set.

@@ -21,6 +21,7 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
     `eval.decode_dtype`, after the scoring, so a bf16 near-tie never flips a scored item.
     """
     from cftune.evaluate import answer_nll, kl_to_base, run_benchmark, task_accuracy
+    from cftune.evaluate.task_accuracy import decoder
     from cftune.models import load_model, load_tokenizer, weight_dtype
 
     e, spec = exp.eval, exp.task.prompt_spec
@@ -55,10 +56,13 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
     if e.task_acc:
         device = next(model.parameters()).device
         decode_dtype = precision.resolve(e.decode_dtype, device)[0]
-        model.to(weight_dtype(decode_dtype, device, inference=True))
+        _, decode = decoder(e.decode_engine, model, str(model_spec), tokenizer,
+                            e.max_new_tokens, decode_dtype)
+        if decode is None:
+            model.to(weight_dtype(decode_dtype, device, inference=True))
         acc = task_accuracy(model, tokenizer, test_file, limit=e.task_limit,
                             max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                            dtype=decode_dtype, prompt=spec)
+                            dtype=decode_dtype, prompt=spec, decode=decode)
         metrics = {"task_acc": _metric(acc, "acc"), **metrics}
         items["task_acc"] = acc["correct"]
     return {"model": str(model_spec), "name": name, "metrics": metrics, "items": items}

@@ -22,7 +22,7 @@ its kernels' log-probs differ from a torch forward by float rounding; `--rescore
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from cftune.errors import CftuneError
 from cftune.sampler import Drawn, Job, SamplingParams, sample_seed
@@ -110,3 +110,23 @@ class VLLMSampler:
             top_lps = [[round(float(lp.logprob), 5) for _, lp in r] for r in ranked]
         self.tokens_sampled += len(ids)
         return Drawn(job.id, ids, logps, finished, top_ids, top_lps)
+
+
+def greedy_texts(model_path: str, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                 stop: Sequence[str], stop_ids: Iterable[int], dtype: str) -> list[str]:
+    """Greedy answers to prompt ids, decoded by vLLM (`cftune eval`'s task accuracy on GPUs).
+
+    vLLM stops at a stop string or token; the text is then decoded from the token ids with the
+    tokenizer and cut at the first stop string, as the torch loop does, so the two engines give
+    the same answers wherever their argmax agrees."""
+    from cftune.evaluate.task_accuracy import cut_at_stop
+
+    vllm = load_vllm()
+    params = vllm.SamplingParams(
+        n=1, temperature=0.0, top_p=1.0, top_k=-1, min_p=0.0, max_tokens=max_new_tokens,
+        stop=list(stop), stop_token_ids=sorted(set(stop_ids)), repetition_penalty=1.0,
+        presence_penalty=0.0, frequency_penalty=0.0)
+    outputs = engine(model_path, dtype, 20).generate(
+        [{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    return [cut_at_stop(tokenizer.decode(list(o.outputs[0].token_ids), skip_special_tokens=True),
+                        stop) for o in outputs]

@@ -32,7 +32,13 @@ from cftune.evaluate.kl import base_reference, kl_to_base, needs_reference
 from cftune.evaluate.multiple_choice import run_benchmark
 from cftune.evaluate.perplexity import perplexity
 from cftune.evaluate.report import build_entries, write
-from cftune.evaluate.task_accuracy import PROMPTS, answer_nll, task_accuracy
+from cftune.evaluate.task_accuracy import (
+    DECODE_ENGINES,
+    PROMPTS,
+    answer_nll,
+    decoder,
+    task_accuracy,
+)
 from cftune.locking import output_locked
 from cftune.models import (
     DEFAULT_MODEL,
@@ -88,6 +94,8 @@ class EvalConfig:
     decode_dtype: str = field("fp32", "precision of greedy task decoding: fp32 | bf16 | fp16 | "
                               "auto (the machine's faster, cftune.precision); not fp32 flips "
                               "near-ties, so the default keeps task accuracy machine-independent")
+    decode_engine: str = field("auto", "greedy task decoding by torch | vllm | auto (vLLM on one "
+                               "GPU where it is installed, for whole models; torch elsewhere)")
     device: str = field("auto", "auto | cpu | cuda | mps")
     out: str = field("evals", "output folder for eval.json and eval.md")
     force_kl: bool = field(False, "estimate the KL even from biased or mismatched samples")
@@ -101,6 +109,9 @@ class EvalConfig:
         if not (self.kl_samples or self.bench or self.task or self.perplexity or self.instructions):
             problems.append("nothing to evaluate: give --kl-samples, --bench, --task, "
                             "--perplexity or --instructions")
+        if self.decode_engine not in DECODE_ENGINES:
+            problems.append(f"decode_engine must be one of {', '.join(DECODE_ENGINES)} "
+                            f"(got {self.decode_engine})")
         for name in ("limit", "batch_size", "max_new_tokens", "instruction_samples",
                      "instruction_max_new_tokens"):
             value = getattr(self, name)
@@ -209,11 +220,17 @@ def _evaluate_model(config: EvalConfig, spec: str, fp: str, tokenizer, base_fp: 
                "max_new_tokens": config.max_new_tokens, "prompt": dataclasses.asdict(prompt),
                "dtype": decode_dtype, "device": device.type}
 
+        engine, decode_fn = decoder(config.decode_engine, model, spec, tokenizer,
+                                    config.max_new_tokens, decode_dtype)
+        if engine != "torch":  # in the key only when not torch: earlier results keep theirs
+            key["engine"] = engine
+
         def decode() -> dict:
-            model.to(weight_dtype(decode_dtype, device, inference=True))
+            if decode_fn is None:
+                model.to(weight_dtype(decode_dtype, device, inference=True))
             return task_accuracy(model, tokenizer, config.task, config.limit,
                                  config.max_new_tokens, config.num_fewshot, config.fewshot_file,
-                                 prompt, bs, decode_dtype)
+                                 prompt, bs, decode_dtype, decode=decode_fn)
         out.insert(0, ("task", Path(config.task).stem, _cached(use, fp, key, decode)))
     return out
 

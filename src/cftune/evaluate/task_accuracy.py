@@ -12,9 +12,10 @@ model's `generation_config` (repetition penalties, sampling defaults) unless eve
 
 from __future__ import annotations
 
+import functools
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -96,6 +97,47 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def cut_at_stop(text: str, stop: Sequence[str] = STOP) -> str:
+    """`text` up to its first stop string (the answer, without the next question)."""
+    cuts = [text.index(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+DECODE_ENGINES = ("auto", "torch", "vllm")
+
+
+def decoder(engine: str, model, model_spec: str, tokenizer, max_new_tokens: int, dtype: str
+            ) -> tuple[str, Callable[[list[list[int]]], list[str]] | None]:
+    """(engine, decode) for `task_accuracy`: cftune's torch loop (decode None) or vLLM.
+
+    `auto` picks vLLM where it pays: one CUDA GPU, vLLM installed (`generate.auto_engine`), and
+    a whole model (vLLM does not load a LoRA adapter folder by itself). With vLLM the torch model
+    leaves the GPU to it; the texts are cut at the same stop strings, so both engines score the
+    same answers up to float rounding at near-ties."""
+    from cftune.generate import auto_engine
+    from cftune.models import local_path
+
+    if engine not in DECODE_ENGINES:
+        raise CftuneError(f"decode engine '{engine}' is not one of {', '.join(DECODE_ENGINES)}")
+    device = next(model.parameters()).device
+    adapter = (Path(str(model_spec)) / "adapter_config.json").is_file()
+    if engine == "auto":
+        engine = "vllm" if not adapter and auto_engine(device.type) == "vllm" else "torch"
+    if engine == "torch":
+        return engine, None
+    if adapter:
+        raise CftuneError(f"{model_spec} is a LoRA adapter, which vLLM does not decode by itself: "
+                          f"merge it first (`cftune merge --finetuned {model_spec} --alpha 1 "
+                          f"--out FOLDER`) or decode with the torch engine")
+    from cftune.vllm_sampler import greedy_texts
+
+    stop_ids = _eos_ids(model, tokenizer)
+    model.to("cpu")
+    return engine, functools.partial(greedy_texts, local_path(model_spec), tokenizer,
+                                     max_new_tokens=max_new_tokens, stop=STOP,
+                                     stop_ids=stop_ids, dtype=dtype)
+
+
 @torch.no_grad()
 def greedy_generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int = 256,
                     batch_size: int = 8, dtype: str = "fp32", stop: tuple[str, ...] = STOP,
@@ -140,9 +182,7 @@ def greedy_generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: 
             mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=torch.long)], dim=1)
             pos = pos[:, -1:] + 1
         for r, i in enumerate(idx):
-            text = tokenizer.decode(new[r], skip_special_tokens=True)
-            cuts = [text.index(s) for s in stop if s in text]
-            texts[i] = text[: min(cuts)] if cuts else text
+            texts[i] = cut_at_stop(tokenizer.decode(new[r], skip_special_tokens=True), stop)
         bar.update(len(idx))
     bar.close()
     return texts
@@ -184,11 +224,13 @@ def answer_nll(model, tokenizer, task_file: str | Path, limit: int | None = None
 def task_accuracy(model, tokenizer, task_file: str | Path, limit: int | None = None,
                   max_new_tokens: int = 256, num_fewshot: int = 0,
                   fewshot_file: str | Path | None = None, prompt: str | PromptSpec = "qa",
-                  batch_size: int = 8, dtype: str = "fp32", seed: int = 1234) -> dict:
+                  batch_size: int = 8, dtype: str = "fp32", seed: int = 1234,
+                  decode: Callable[[list[list[int]]], list[str]] | None = None) -> dict:
     """Exact-match accuracy of greedy answers on a GSM8K-format file (first `limit` rows).
 
     Few-shot examples are a seeded draw of `num_fewshot` rows of `fewshot_file` (the same for
-    every question, as in lm-eval). Returns acc, acc_stderr, n, the first few predictions and
+    every question, as in lm-eval). `decode` turns prompt ids into answer texts (`decoder`:
+    vLLM); None decodes with `model`. Returns acc, acc_stderr, n, the first few predictions and
     `correct` (per problem, for paired comparisons).
     """
     rows = _rows(task_file, limit)
@@ -199,8 +241,8 @@ def task_accuracy(model, tokenizer, task_file: str | Path, limit: int | None = N
         pool = read_task(fewshot_file)
         shots = random.Random(seed).sample(pool, min(num_fewshot, len(pool)))
     prompts = [encode_prompt(tokenizer, r["question"], prompt, shots) for r in rows]
-    outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, dtype,
-                              desc="task (greedy)")
+    outputs = decode(prompts) if decode else greedy_generate(
+        model, tokenizer, prompts, max_new_tokens, batch_size, dtype, desc="task (greedy)")
     golds = [extract_answer(r["answer"]) for r in rows]
     preds = [extract_answer(o) for o in outputs]
     correct = [p is not None and p == g for p, g in zip(preds, golds)]
