@@ -81,24 +81,29 @@ def test_record_fields_and_manifest(tiny_model, tmp_path):
         assert r["logp_base"] <= sum(lp[0] for lp in r["topk_logprobs"]) + 1e-3
 
 
-def test_resume_after_torn_write_equals_uninterrupted(tiny_model, tmp_path, monkeypatch):
-    kw = dict(num_samples=60, batch_size=2, min_tokens=3)  # blocks of 16 ids
-    full = run(tiny_model, tmp_path / "full", **kw)
-    part = tmp_path / "part"
-    offer_block = gen_module._Acceptor.offer_block
-    calls = []
+def dies_in_block(block: int, written: int):
+    """A stand-in for `_Acceptor.offer_block` that, in block `block`, writes `written` records
+    and half of the next one, then dies before the block's progress update, as a kill would."""
+    offer_block, calls = gen_module._Acceptor.offer_block, []
 
-    def dies_in_fourth_block(self, drawn, block_end):
+    def offer(self, drawn, block_end):
         calls.append(block_end)
-        if len(calls) == 4:  # killed after writing half of block 4, before its progress update
-            for d in drawn[:5]:
+        if len(calls) == block:
+            for d in drawn[:written]:
                 self.out.write(gen_module.to_record(d, self.tokenizer))
             self.out._f.write('{"id": 99, "text": "half a rec')
             self.out._f.flush()
             raise KeyboardInterrupt
         return offer_block(self, drawn, block_end)
+    return offer
 
-    monkeypatch.setattr(gen_module._Acceptor, "offer_block", dies_in_fourth_block)
+
+def test_resume_after_torn_write_equals_uninterrupted(tiny_model, tmp_path, monkeypatch):
+    kw = dict(num_samples=60, batch_size=2, min_tokens=3)  # blocks of 16 ids
+    full = run(tiny_model, tmp_path / "full", **kw)
+    part = tmp_path / "part"
+    offer_block = gen_module._Acceptor.offer_block
+    monkeypatch.setattr(gen_module._Acceptor, "offer_block", dies_in_block(4, written=5))
     with pytest.raises(KeyboardInterrupt):
         run(tiny_model, part, **kw)
     monkeypatch.setattr(gen_module._Acceptor, "offer_block", offer_block)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_generate import dies_in_block
 
 import cftune.generate as gen_module
 from cftune.generate import GenerateConfig, generate
@@ -110,17 +111,8 @@ def test_a_killed_run_resumes_without_lost_or_repeated_samples(model_dir, tmp_pa
     draws: what was written before the kill stays, and every id appears once."""
     out = tmp_path / "killed"
     offer_block = gen_module._Acceptor.offer_block
-
-    def dies_in_second_block(self, drawn, block_end):
-        if block_end > 16:  # half of block 2 written, then killed before its progress update
-            for d in drawn[:3]:
-                self.out.write(gen_module.to_record(d, self.tokenizer))
-            self.out._f.write('{"id": 99, "text": "half a rec')
-            self.out._f.flush()
-            raise KeyboardInterrupt
-        return offer_block(self, drawn, block_end)
-
-    monkeypatch.setattr(gen_module._Acceptor, "offer_block", dies_in_second_block)
+    # Blocks of 16 ids: 3 records and half a record of block 2 written, then killed.
+    monkeypatch.setattr(gen_module._Acceptor, "offer_block", dies_in_block(2, written=3))
     with pytest.raises(KeyboardInterrupt):
         draw(model_dir, out, num_samples=40, batch_size=2)
     monkeypatch.setattr(gen_module._Acceptor, "offer_block", offer_block)

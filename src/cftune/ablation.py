@@ -34,7 +34,6 @@ PANELS = (  # (metric, title): task gain first, then forgetting, each only when 
     ("paired/instr_ref_nll", "Instructions: Δ reference NLL\nvs base"),
     (BENCH_PAIRED, "Benchmarks: mean paired Δ\naccuracy vs base"),
 )
-VERSUS_BASE = {KL, INSTR_KL}  # the base is 0 there by definition, as on the Δ panels
 
 
 def _positions(xs: list[Any]) -> tuple[dict[Any, float], bool]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from statistics import fmean
 from typing import Any
 
 from cftune.evaluate import paired
@@ -121,17 +122,13 @@ def _per_seed(base: dict, result: dict) -> dict[str, float]:
     items, ref = result.get("items", {}), base.get("items", {})
     out = {}
     if "task_nll" in items and "task_nll" in ref:
-        out["ratio/task_gain"] = _mean(ref["task_nll"]) - _mean(items["task_nll"])
+        out["ratio/task_gain"] = fmean(ref["task_nll"]) - fmean(items["task_nll"])
     if "instr_ref_nll" in items and "instr_ref_nll" in ref:
-        out["ratio/instr_ref_nll_rise"] = _mean(items["instr_ref_nll"]) - _mean(ref["instr_ref_nll"])
+        out["ratio/instr_ref_nll_rise"] = fmean(items["instr_ref_nll"]) - fmean(ref["instr_ref_nll"])
     for name in ("kl", "instr_kl"):
         if name in result.get("metrics", {}):
             out[f"ratio/{name}"] = result["metrics"][name]["value"]
     return out
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def seed_ratios(base: dict, ref: Sequence[dict], model: Sequence[dict]) -> dict[str, dict[str, Any]]:

@@ -45,7 +45,7 @@ CF_METHODS = ("cfs", "kd")  # methods that consume the CF training pool
 STREAM_METHODS = CF_METHODS + ("contextual", "replay")  # methods with a second data stream
 RUN_KEYS = ("name", "method", "of", "alphas", "sweep", "seeds", "cf")
 CF_SWEEP = "cf."  # `sweep: {cf.temperature: [...]}` sweeps a setting of the run's CF pool
-RUNNER_SET_CF = ("model", "out", "num_samples", "seed")  # cf settings the runner sets
+RUNNER_SET_CF = ("model", "out", "num_samples")  # cf settings the runner sets
 PROMPTS = ("chat", "qa")  # task prompt formats (cftune.prompts), the same in every stage
 
 
@@ -206,7 +206,7 @@ class Experiment:
             raise CftuneError(f"{path}: replay.file {self.replay.file} not found")
         cf = dict(raw.get("cf") or {})
         self.cf_heldout = int(cf.pop("heldout", 128))
-        for banned in RUNNER_SET_CF[:3]:
+        for banned in RUNNER_SET_CF:
             if banned in cf:
                 raise CftuneError(f"{path}: cf.{banned} is set by the runner; remove it")
         self.cf = from_dict(GenerateConfig, {"model": self.model, **cf}, f"{path}: cf")
@@ -268,12 +268,12 @@ class Experiment:
             self._check_train_keys({k: v for k, v in sweep.items() if not k.startswith(CF_SWEEP)},
                                    f"{where}: sweep")
             for key, values in sweep.items() or [(None, [None])]:
+                on_cf = key is not None and key.startswith(CF_SWEEP)
                 for v in values:
                     name = (run["name"] if key is None
                             else f"{run['name']}-{key.removeprefix(CF_SWEEP)}={v}")
-                    extra = {} if key is None or key.startswith(CF_SWEEP) else {key: v}
-                    cf_extra = ({key.removeprefix(CF_SWEEP): v}
-                                if key is not None and key.startswith(CF_SWEEP) else {})
+                    extra = {} if key is None or on_cf else {key: v}
+                    cf_extra = {key.removeprefix(CF_SWEEP): v} if on_cf else {}
                     out.append({"name": name, "method": run["method"], "seeds": seeds,
                                 "settings": {**self.train_defaults, **settings, **extra},
                                 "cf": self._cf_overrides({**cf, **cf_extra}, run,
@@ -303,7 +303,7 @@ class Experiment:
         if run["method"] not in CF_METHODS:
             raise CftuneError(f"{where}: only {' and '.join(CF_METHODS)} runs train on the CF "
                               f"pool ('{run['method']}' does not)")
-        for banned in RUNNER_SET_CF:
+        for banned in (*RUNNER_SET_CF, "seed"):  # a run's pool seed follows the run's seed
             if banned in cf:
                 raise CftuneError(f"{where}: cf.{banned} is set by the runner; remove it")
         from_dict(GenerateConfig, {**dataclasses.asdict(self.cf), **cf}, where)

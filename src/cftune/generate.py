@@ -368,17 +368,20 @@ def auto_engine(device: str, processes: int = 1) -> str:
     return "vllm" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "torch"
 
 
-def concrete_engine(config: GenerateConfig, out: Path, processes: int = 1) -> GenerateConfig:
-    """`config` with `engine: auto` made concrete: the engine `out` was started with (a pool is
-    one engine's draws, resumed or extended), else `auto_engine`. `rescore` applies to vLLM only
-    (the torch sampler's `logp_base` is a torch pass already)."""
-    if config.engine != "auto":
-        return config
+def engine_settings(settings: dict[str, Any], out: Path | None = None,
+                    processes: int = 1) -> dict[str, Any]:
+    """`settings` (GenerateConfig fields) with `engine: auto` made concrete: the engine `out`
+    was started with (a pool is one engine's draws, resumed or extended), else `auto_engine`.
+    `rescore` applies to vLLM only (the torch sampler's `logp_base` is a torch pass already).
+    The runner keys a pool by these, `generate` draws with them."""
+    if settings.get("engine", "auto") != "auto":
+        return settings
     started = [read_json(out / n).get("settings", {}) for n in (MANIFEST, PROGRESS)
-               if (out / n).is_file()]
+               if out is not None and (out / n).is_file()]
     engine = (started[0].get("engine", _ADDED_LATER["engine"]) if started
-              else auto_engine(config.device, processes))
-    return dataclasses.replace(config, engine=engine, rescore=config.rescore and engine == "vllm")
+              else auto_engine(settings.get("device", "auto"), processes))
+    return {**settings, "engine": engine,
+            "rescore": settings.get("rescore", False) and engine == "vllm"}
 
 
 def _check_folder(out: Path, config: GenerateConfig) -> dict[str, Any] | None:
@@ -415,7 +418,7 @@ def generate(config: GenerateConfig) -> Path:
 
     state = PartialState(cpu=config.device == "cpu")
     out = Path(config.out)
-    config = concrete_engine(config, out, state.num_processes)
+    config = GenerateConfig(**engine_settings(asdict(config), out, state.num_processes))
     manifest = _check_folder(out, config) if state.is_main_process else None
     state.wait_for_everyone()
     if manifest and manifest["counts"]["samples"] >= config.num_samples:

@@ -3,8 +3,9 @@
 Why: glibc serves an allocation from its heap once the allocation is below its mmap threshold,
 and the threshold is dynamic: each freed mapping raises it to that mapping's size (up to 32 MiB
 on 64-bit). A training step frees and re-allocates tensors of a few MiB all the time; after the
-first step they come from the heap, whose freed pieces stay in the process, fragmented. A fixed threshold gives every larger tensor a mapping of its own,
-unmapped when freed, at the price of zero-filling fresh pages on every such allocation.
+first step they come from the heap, whose freed pieces stay in the process, fragmented. A
+fixed threshold gives every larger tensor a mapping of its own, unmapped when freed, at the
+price of zero-filling fresh pages on every such allocation.
 Measured on SmolLM2-135M at batch 16 x 384 (chunked loss, gradient checkpointing, bf16 autocast,
 2-core Xeon): peak RSS 4.6-6.4 GiB from run to run with glibc's default, 3.58-3.59 GiB with the
 threshold at 1 MiB, the same losses, but 1.8x the step time (26 against 14 s); with the full

@@ -24,7 +24,7 @@ from cftune.config import field, from_dict
 from cftune.errors import CftuneError
 from cftune.experiment import CF_METHODS, WISE_FT, Experiment
 from cftune.experiment import stage_key as _key
-from cftune.generate import GenerateConfig, auto_engine, without_later_defaults
+from cftune.generate import GenerateConfig, engine_settings, without_later_defaults
 from cftune.locking import output_lock
 from cftune.models import fingerprint
 from cftune.run_eval import evaluate_one
@@ -206,10 +206,8 @@ class Runner:
     def _generate_stage(self, name: str, settings: dict[str, Any], n: int, seed: int) -> Path:
         from cftune.generate import generate
 
-        settings = {**settings, "seed": seed, "num_samples": n}
-        if settings.get("engine", "auto") == "auto":  # keyed by the engine that will draw
-            engine = auto_engine(settings.get("device", "auto"))
-            settings.update(engine=engine, rescore=settings.get("rescore", False) and engine == "vllm")
+        # Keyed by the engine that will draw.
+        settings = engine_settings({**settings, "seed": seed, "num_samples": n})
         # The folder is keyed without the count: asking for more samples extends it (sample i
         # is the same either way), so a longer training run reuses what was drawn.
         key = _key(without_later_defaults({**settings, "out": None, "num_samples": None}),
