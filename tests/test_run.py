@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -396,3 +398,70 @@ def test_instruction_yardsticks_in_the_runner(tiny_model, tmp_path):
     paired = full["metrics"]["paired/instr_ref_nll"]
     assert paired["n"] == 5 and paired["value"] == pytest.approx(
         full["metrics"]["instr_ref_nll"]["value"] - base["metrics"]["instr_ref_nll"]["value"])
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(not (REPO / ".gitignore").is_file() or shutil.which("git") is None,
+                    reason="needs git and the repository's .gitignore (a source checkout)")
+def test_a_committed_experiment_reports_without_its_weights(tiny_model, tmp_path, capsys):
+    """An experiment under docs/experiments/NAME, committed as the repository's .gitignore
+    keeps it (no weights, data or CF pools) and checked out at another path, reports without
+    training again, and a missing evaluation re-creates exactly what it needs. (A .gitignore that
+    hid the evaluations, as `experiments/` once hid docs/experiments/, fails this.)"""
+    instructions = tmp_path / "instr.jsonl"
+    instructions.write_text("".join(json.dumps({"prompt": f"Say {w}.", "reference": f"{w}!"}) +
+                                    "\n" for w in ("hi", "yes", "blue")))
+    ev = {"task_limit": 3, "max_new_tokens": 8, "batch_size": 4, "instructions": str(instructions),
+          "instruction_max_new_tokens": 6}
+    path = write_config(tmp_path, tiny_model, eval=ev)
+    repo = tmp_path / "repo"
+    (repo / "docs" / "experiments").mkdir(parents=True)
+    shutil.copy(REPO / ".gitignore", repo / ".gitignore")
+    run(RunConfig(experiment=str(path), out=str(repo / "docs" / "experiments" / "exp")))
+    capsys.readouterr()
+    git = ["git", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    kept = subprocess.run([*git, "ls-files", "--others", "--exclude-standard", "-z"],
+                          check=True, capture_output=True, text=True).stdout.split("\0")
+    kept = [k for k in kept if k]
+    assert not [k for k in kept if k.endswith((".safetensors", "train.jsonl", "instr.jsonl"))]
+    assert any(k.endswith("result.json") for k in kept)
+    clone = tmp_path / "clone"
+    for name in kept:
+        (clone / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(repo / name, clone / name)
+    out = clone / "docs" / "experiments" / "exp"
+
+    run(RunConfig(experiment=str(path), out=str(out)))
+    again = capsys.readouterr().out
+    assert stages_run(again) == [] and "nothing to do" in again
+    before = json.loads((repo / "docs/experiments/exp/results.json").read_text())
+    assert json.loads((out / "results.json").read_text()) == before
+
+    shutil.rmtree(next((out / "evals").glob("wise-a0.5-*")))  # Wise-FT needs full's weights
+    run(RunConfig(experiment=str(path), out=str(out)))
+    assert [s.split(" (")[0] for s in stages_run(capsys.readouterr().out)] == [
+        "data", "train full", "merge wise-a0.5", "generate instructions", "eval wise-a0.5"]
+    def values(rows: list[dict]) -> dict[str, dict[str, float]]:
+        return {r["run"]: {k: m["value"] for k, m in r["metrics"].items()} for r in rows}
+    after = values(json.loads((out / "results.json").read_text()))
+    assert after.keys() == values(before).keys()
+    for name, metrics in values(before).items():  # full trained again: the same model
+        assert after[name] == pytest.approx(metrics, rel=1e-4, abs=1e-6), name
+
+
+def test_report_refuses_kls_scored_on_different_sample_sets(tmp_path):
+    """Responses drawn again on another machine may differ: the report names the runs scored on
+    each set instead of comparing KLs over different samples (a digest-less old result passes)."""
+    from cftune.run import _same_samples
+
+    def row(run: str, kl: str | None, instr: str | None) -> dict:
+        return {"run": run, "metrics": {"kl": {"samples_digest": kl},
+                                        "instr_kl": {"samples_digest": instr}}}
+    _same_samples([row("base", "a", "x"), row("full", "a", None)], tmp_path)
+    with pytest.raises(CftuneError, match=r"instr_kl .* 2 different sets .*\(base; full\)"):
+        _same_samples([row("base", "a", "x"), row("full", "a", "y")], tmp_path)
+    with pytest.raises(CftuneError, match="held-out CF samples"):
+        _same_samples([row("base", "a", "x"), row("full", "b", "x")], tmp_path)

@@ -22,7 +22,7 @@ from typing import Any
 
 from cftune.config import field, from_dict
 from cftune.errors import CftuneError
-from cftune.experiment import CF_METHODS, WISE_FT, Experiment
+from cftune.experiment import CF_METHODS, STREAM_METHODS, WISE_FT, Experiment
 from cftune.experiment import stage_key as _key
 from cftune.generate import GenerateConfig, engine_settings, without_later_defaults
 from cftune.locking import output_lock
@@ -52,13 +52,15 @@ class RunConfig:
 @dataclass
 class Stage:
     """One unit of work: its name, output folder, and the function that fills the folder.
-    `cost` is its size in its kind's units (training examples, sampled tokens), for the ETA."""
+    `cost` is its size in its kind's units (training examples, sampled tokens), for the ETA;
+    `needs`: the stages it reads, so a stage runs only while a missing evaluation needs it."""
 
     name: str
     folder: Path
     work: Callable[[], None]
     done: Callable[[], bool]
     cost: float = 1.0
+    needs: tuple[Path, ...] = ()  # folders of the stages whose output this one reads
 
 
 def _pool_id(run: dict[str, Any]) -> str:
@@ -90,7 +92,7 @@ class Runner:
 
     def _plan(self) -> None:
         exp = self.exp
-        data_key = _key(dataclasses.asdict(exp.task))
+        data_key = self._key(dataclasses.asdict(exp.task))
         data_dir = self.out / "data" / data_key
         self.train_file, self.test_file = data_dir / "train.jsonl", data_dir / "test.jsonl"
         self._add("data", data_dir, self._write_data, lambda: self.test_file.is_file())
@@ -126,12 +128,12 @@ class Runner:
             need = max([exp.cf_consumed(r) for r in mine if r["method"] == "contextual"] or [0])
             if need:  # the base's own answers to the training prompts, posed as in training
                 self.contextual[s] = self._generate_stage(f"contextual{tag}", contextual_settings,
-                                                          need, cf_seed)
+                                                          need, cf_seed, needs=(data_dir,))
         self.replay_file = None
         if any(r["method"] == "replay" for r in trained):
             if not exp.replay.file:
                 raise CftuneError(f"{exp.path}: a replay run needs `replay: {{file: ...}}`")
-            folder = self.out / "data" / f"replay-{_key(dataclasses.asdict(exp.replay))}"
+            folder = self.out / "data" / f"replay-{self._key(dataclasses.asdict(exp.replay))}"
             self.replay_file = folder / "replay.jsonl"
             self._add("replay corpus", folder, self._write_replay,
                       lambda: self.replay_file.is_file())
@@ -147,18 +149,20 @@ class Runner:
         for r in self.runs:
             if r["method"] == WISE_FT:
                 parent = self.models[r["of"]]
-                folder = self.out / "runs" / f"{r['name']}-{_key(str(parent), r['alpha'])}"
+                folder = self.out / "runs" / f"{r['name']}-{self._key(parent, r['alpha'])}"
                 self._add(f"merge {r['name']}", folder, self._merge_work(parent, folder, r["alpha"]),
-                          lambda f=folder: (f / "config.json").is_file())
+                          lambda f=folder: _has_weights(f), needs=(Path(parent),))
             else:
                 stream = {"replay": self.replay_file,
                           "contextual": self.contextual.get(r["seed"])}.get(
                     r["method"], self.pool.get((r["seed"], _pool_id(r))))
                 settings = exp.train_settings(r, self.train_file, stream)
-                folder = self.out / "runs" / f"{r['name']}-{_key(settings, self.base_fp)}"
+                folder = self.out / "runs" / f"{r['name']}-{self._key(settings, self.base_fp)}"
                 examples = (settings.get("max_steps") or 1) * (settings.get("batch_size") or 1)
                 self._add(f"train {r['name']}", folder, self._train_work(settings, folder),
-                          lambda f=folder: (f / "manifest.json").is_file(), cost=examples)
+                          lambda f=folder: _has_weights(f), cost=examples,
+                          needs=(data_dir,) + ((_stage_of(stream),)
+                                               if r["method"] in STREAM_METHODS else ()))
             self.models[r["name"]] = folder
         measured = {k: v for k, v in dataclasses.asdict(exp.eval).items()
                     if k not in ("plot_y", "compare")  # report settings, not measurements
@@ -166,26 +170,28 @@ class Runner:
                     and not (k.startswith("instruction") and exp.eval.instructions is None)}
         # The held-out folder is extended in place when `cf.heldout` grows: the count is part of
         # the key (sample i is fixed), so a changed count re-scores every model on the new set.
-        eval_key = _key(measured, str(self.heldout), exp.cf_heldout, str(self.test_file),
-                        exp.task.prompt_spec, EVAL_VERSION)
+        eval_key = self._key(measured, self.heldout, exp.cf_heldout, self.test_file,
+                             exp.task.prompt_spec, EVAL_VERSION)
         self.instructions = None
         if exp.eval.instructions:
             self.instructions = self._instruction_stage()
         for name, model in self.models.items():
-            folder = self.out / "evals" / f"{name}-{_key(str(model), eval_key)}"
+            folder = self.out / "evals" / f"{name}-{self._key(model, eval_key)}"
+            inputs = (data_dir, self.heldout, *([self.instructions] if self.instructions else []),
+                      *([] if isinstance(model, str) else [model]))
             self._add(f"eval {name}", folder, self._eval_work(name, model, folder),
-                      lambda f=folder: (f / "result.json").is_file())
+                      lambda f=folder: (f / "result.json").is_file(), needs=inputs)
 
     def _instruction_stage(self) -> Path:
         """The base's T=1 responses to the held-out instructions (drawn once, for instr_kl)."""
-        from cftune.evaluate.instructions import RESPONSES, draw_responses
+        from cftune.evaluate.instructions import PROMPTS_FILE, RESPONSES, draw_responses
 
         e = self.exp.eval
         settings = {"file": e.instructions, "limit": e.instruction_limit,
                     "offset": e.instruction_offset,
                     "samples": e.instruction_samples, "max_new_tokens": e.instruction_max_new_tokens,
                     "doc_start": self.exp.task.doc_start, "dtype": e.score_dtype}
-        folder = self.out / "cf" / f"instructions-{_key(settings, self.base_fp)}"
+        folder = self.out / "cf" / f"instructions-{self._key(settings, self.base_fp)}"
 
         def work() -> None:
             draw_responses(self.exp.model, e.instructions, e.instruction_samples,
@@ -195,22 +201,43 @@ class Runner:
                            doc_start=self.exp.task.doc_start, base_fingerprint=self.base_fp)
         n = e.instruction_samples * (e.instruction_limit or 175)  # a cost estimate only
         self._add(f"generate instructions ({n} responses)", folder, work,
-                  lambda: (folder / RESPONSES / "manifest.json").is_file(),
+                  # the instructions file is re-read from the config's where a committed
+                  # folder was kept without it (a copy of data the repository must not hold)
+                  lambda: (folder / RESPONSES / "manifest.json").is_file()
+                  and (folder / PROMPTS_FILE).is_file(),
                   cost=n * e.instruction_max_new_tokens)
         return folder
 
-    def _add(self, name: str, folder: Path, work: Callable[[], None],
-             done: Callable[[], bool], cost: float = 1.0) -> None:
-        self.stages.append(Stage(name, folder, work, done, cost))
+    def _key(self, *parts: Any) -> str:
+        """A stage key in which the paths of other stages count relative to the stages folder,
+        so a folder moved, cloned elsewhere or named by another path keeps every key."""
+        root = str(self.out).rstrip("/") + "/"
 
-    def _generate_stage(self, name: str, settings: dict[str, Any], n: int, seed: int) -> Path:
+        def portable(value: Any) -> Any:
+            if isinstance(value, Path):
+                value = str(value)
+            if isinstance(value, str) and value.startswith(root):
+                return value[len(root):]
+            if isinstance(value, dict):
+                return {k: portable(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [portable(v) for v in value]
+            return value
+        return _key(*(portable(p) for p in parts))
+
+    def _add(self, name: str, folder: Path, work: Callable[[], None],
+             done: Callable[[], bool], cost: float = 1.0, needs: tuple[Path, ...] = ()) -> None:
+        self.stages.append(Stage(name, folder, work, done, cost, needs))
+
+    def _generate_stage(self, name: str, settings: dict[str, Any], n: int, seed: int,
+                        needs: tuple[Path, ...] = ()) -> Path:
         from cftune.generate import generate
 
         # Keyed by the engine that will draw.
         settings = engine_settings({**settings, "seed": seed, "num_samples": n})
         # The folder is keyed without the count: asking for more samples extends it (sample i
         # is the same either way), so a longer training run reuses what was drawn.
-        key = _key(without_later_defaults({**settings, "out": None, "num_samples": None}),
+        key = self._key(without_later_defaults({**settings, "out": None, "num_samples": None}),
                    self.base_fp)
         folder = self.out / "cf" / f"{name}-{key}"
         config = GenerateConfig(**{**settings, "out": str(folder)})
@@ -221,7 +248,7 @@ class Runner:
 
         engine = f", {config.engine}" + (" rescored" if config.rescore else "")
         self._add(f"generate {name} ({n} samples{engine})", folder, lambda: generate(config), done,
-                  cost=n * (settings.get("max_new_tokens") or 1))
+                  cost=n * (settings.get("max_new_tokens") or 1), needs=needs)
         return folder
 
     # ------------------------------------------------------------------ stage work
@@ -267,14 +294,19 @@ class Runner:
 
         # resume: a killed `cftune run` continues its training from the last checkpoint (not a
         # setting: the folder's key and the trained model are the same either way)
-        return lambda: train(from_dict(TrainConfig, {**settings, "out": str(folder),
-                                                     "resume": True}))
+        def work() -> None:
+            _clear_record(folder)
+            train(from_dict(TrainConfig, {**settings, "out": str(folder), "resume": True}))
+        return work
 
     def _merge_work(self, parent: Path, folder: Path, alpha: float) -> Callable[[], None]:
         from cftune.merge import MergeConfig, merge
 
-        return lambda: merge(MergeConfig(finetuned=str(parent), out=str(folder),
-                                         base=self.exp.model, alpha=alpha))
+        def work() -> None:
+            _clear_record(folder)
+            merge(MergeConfig(finetuned=str(parent), out=str(folder), base=self.exp.model,
+                              alpha=alpha))
+        return work
 
     def _eval_work(self, name: str, model_path: Path | str, folder: Path) -> Callable[[], None]:
         def work() -> None:
@@ -286,11 +318,31 @@ class Runner:
 
     # ------------------------------------------------------------------ running
 
+    def todo(self) -> list[Stage]:
+        """The stages to run, in plan order: each evaluation not yet done, and what it needs
+        that is not done. A stage no missing evaluation needs is not run even when its folder is
+        incomplete: an experiment folder kept without its model weights (committed results, a
+        clone on another machine) reports without training again, and trains again only a model
+        whose evaluation, or whose Wise-FT merge's evaluation, is missing."""
+        by_folder = {s.folder: s for s in self.stages}
+        wanted: set[int] = set()
+
+        def want(stage: Stage) -> None:
+            if id(stage) in wanted or stage.done():
+                return
+            wanted.add(id(stage))
+            for folder in stage.needs:
+                want(by_folder[folder])
+        for s in self.stages:
+            if _kind(s) == "eval":
+                want(s)
+        return [s for s in self.stages if id(s) in wanted]
+
     def run(self, dry_run: bool = False
             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
-        todo = [s for s in self.stages if not s.done()]
+        todo = self.todo()
         for i, s in enumerate(self.stages, 1):
-            state = "cached" if s not in todo else "to do"
+            state = "to do" if s in todo else "cached" if s.done() else "unneeded"
             if dry_run:
                 print(f"[{i}/{len(self.stages)}] {s.name:32s} {state:7s} {s.folder}")
         if dry_run:
@@ -338,10 +390,7 @@ class Runner:
                            x=self.exp.setting_value(run, self.exp.ablation),
                            curve=cfg.method + (f" ({cfg.cfs_mode})" if cfg.method == "cfs" else ""))
             rows.append(row)
-        sets = {r["metrics"]["kl"].get("samples_digest") for r in rows}
-        if len(sets) > 1:
-            raise CftuneError(f"{self.out}: the evaluations scored the KL on different held-out "
-                              f"sample sets ({len(sets)}); rerun `cftune run` to re-evaluate")
+        _same_samples(rows, self.out)
         groups = _groups(rows)
         if len(self.exp.seeds) > 1:
             for group, members in groups.items():
@@ -372,6 +421,24 @@ class Runner:
         return rows, comparisons
 
 
+def _same_samples(rows: list[dict[str, Any]], out: Path) -> None:
+    """Every model's KLs must be scored on one sample set. The held-out CF set is kept with the
+    evaluations; the base's instruction responses are drawn again where a folder was kept
+    without them, and another machine may draw them otherwise (seeded, not bitwise portable)."""
+    for metric, what in (("kl", "held-out CF samples"), ("instr_kl", "base's instruction "
+                                                                    "responses")):
+        sets: dict[str, list[str]] = {}
+        for r in rows:
+            digest = (r["metrics"].get(metric) or {}).get("samples_digest")
+            if digest is not None:  # None: scored before the digest was recorded
+                sets.setdefault(digest, []).append(r["run"])
+        if len(sets) > 1:
+            groups = "; ".join(", ".join(runs) for runs in sets.values())
+            raise CftuneError(f"{out}: {metric} was scored on {len(sets)} different sets of the "
+                              f"{what} ({groups}); delete the evals/ folders of one group to "
+                              "re-score them on the current set")
+
+
 def _groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Rows by run group (a run's copies over seeds; a run name is its own group too)."""
     out: dict[str, list[dict[str, Any]]] = {}
@@ -400,10 +467,34 @@ def _eta(remaining: list[Stage], spent: dict[str, list[tuple[float, float]]]) ->
     return f" (~{guess / 60:.0f} min left)"
 
 
+def _stage_of(stream: Path) -> Path:
+    """The stage folder of a run's second stream: a CF or contextual pool is a folder, the
+    replay corpus a file in its stage's folder."""
+    return stream.parent if stream.suffix == ".jsonl" else stream
+
+
+def _has_weights(folder: Path) -> bool:
+    """A finished model folder: its manifest (written last) and its weights (a folder kept
+    without `*.safetensors`, as committed results are, holds a report's facts but no model)."""
+    return (folder / "manifest.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _clear_record(folder: Path) -> None:
+    """Empty a model folder kept without its weights (a committed record) before the model is
+    made again: its manifest would otherwise pass for a finished run."""
+    import shutil
+
+    if (folder / "manifest.json").is_file() and not _has_weights(folder):
+        shutil.rmtree(folder)
+
+
 def _training_facts(folder: Path) -> dict[str, Any]:
-    """Steps, tokens processed and training wall time of a finished run (from its log)."""
+    """Steps, tokens processed and training wall time of a finished run (from its log; all
+    None where the run's folder is gone)."""
     from cftune.samples import iter_jsonl
 
+    if not (folder / "manifest.json").is_file():
+        return {"steps": None, "tokens": None, "wall_time_s": None, "stream_capped": None}
     m = read_json(folder / "manifest.json")
     log = folder / "training_log.jsonl"
     lines = [r for r in iter_jsonl(log) if "tokens_per_s" in r] if log.is_file() else []

@@ -85,7 +85,8 @@ def _instruction_metrics(model, tokenizer, folder: Path, exp: Experiment, base_f
     nll = reference_nll(model, tokenizer, folder / PROMPTS_FILE,
                         instruction_spec(tokenizer, exp.task.doc_start), e.batch_size,
                         e.score_dtype)
-    metrics["instr_kl"] = {**_metric(kl, "value"), "seconds": kl.get("seconds")}
+    metrics["instr_kl"] = {**_metric(kl, "value"), "seconds": kl.get("seconds"),
+                           "samples_digest": kl["samples_digest"]}
     metrics["instr_ref_nll"] = {**_metric(nll, "value"), "seconds": nll.get("seconds")}
     items.update(instr_kl=kl["per_prompt"], instr_ref_nll=nll["per_prompt"])
 
