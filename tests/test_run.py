@@ -54,6 +54,8 @@ def test_runner_writes_results_and_caches_every_stage(tiny_model, tmp_path, caps
     first = stages_run(capsys.readouterr().out)
     assert first[0] == "data" and "train full" in first and "merge wise-a0.5" in first
     assert {"eval base", "eval full", "eval cfs", "eval wise-a0.5"} <= set(first)
+    # each model is evaluated as soon as it exists: a run cut short keeps those results
+    assert first.index("eval full") < first.index("train cfs") < first.index("eval cfs")
     rows = json.loads((out / "results.json").read_text())
     assert [r["run"] for r in rows] == ["base", "full", "cfs", "wise-a0.5"]
     for r in rows:
@@ -443,7 +445,7 @@ def test_a_committed_experiment_reports_without_its_weights(tiny_model, tmp_path
     shutil.rmtree(next((out / "evals").glob("wise-a0.5-*")))  # Wise-FT needs full's weights
     run(RunConfig(experiment=str(path), out=str(out)))
     assert [s.split(" (")[0] for s in stages_run(capsys.readouterr().out)] == [
-        "data", "train full", "merge wise-a0.5", "generate instructions", "eval wise-a0.5"]
+        "data", "generate instructions", "train full", "merge wise-a0.5", "eval wise-a0.5"]
     def values(rows: list[dict]) -> dict[str, dict[str, float]]:
         return {r["run"]: {k: m["value"] for k, m in r["metrics"].items()} for r in rows}
     after = values(json.loads((out / "results.json").read_text()))

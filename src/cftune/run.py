@@ -319,24 +319,25 @@ class Runner:
     # ------------------------------------------------------------------ running
 
     def todo(self) -> list[Stage]:
-        """The stages to run, in plan order: each evaluation not yet done, and what it needs
-        that is not done. A stage no missing evaluation needs is not run even when its folder is
+        """The stages to run: each evaluation not yet done, right after what it needs that is
+        not done, so results land one model at a time (a run cut short keeps every evaluation
+        it finished). A stage no missing evaluation needs is not run even when its folder is
         incomplete: an experiment folder kept without its model weights (committed results, a
         clone on another machine) reports without training again, and trains again only a model
         whose evaluation, or whose Wise-FT merge's evaluation, is missing."""
         by_folder = {s.folder: s for s in self.stages}
-        wanted: set[int] = set()
+        order: list[Stage] = []
 
         def want(stage: Stage) -> None:
-            if id(stage) in wanted or stage.done():
+            if any(stage is s for s in order) or stage.done():
                 return
-            wanted.add(id(stage))
             for folder in stage.needs:
                 want(by_folder[folder])
+            order.append(stage)
         for s in self.stages:
             if _kind(s) == "eval":
                 want(s)
-        return [s for s in self.stages if id(s) in wanted]
+        return order
 
     def run(self, dry_run: bool = False
             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
