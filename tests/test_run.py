@@ -338,7 +338,11 @@ def test_seeds_replicate_runs_and_the_report_pairs_them(tiny_model, tmp_path, ca
     path = write_config(tmp_path, tiny_model, seeds=[0, 1], eval=ev, runs=[
         {"name": "full", "method": "full"}, {"name": "cfs", "method": "cfs"},
         {"name": "wise", "method": "wise-ft", "of": "full", "alphas": [0.5], "seeds": [1]}])
-    out = run(RunConfig(experiment=str(path), out=str(tmp_path / "e")))
+    out = run(RunConfig(experiment=str(path), out=str(tmp_path / "e"), only=["full-s0"]))
+    assert "comparison cfs vs full skipped: cfs is not evaluated yet" in capsys.readouterr().out
+    rows = {r["run"]: r for r in json.loads((out / "results.json").read_text())}
+    assert set(rows) == {"base", "full-s0"}
+    run(RunConfig(experiment=str(path), out=str(tmp_path / "e")))  # the rest; full-s0 is kept
     rows = {r["run"]: r for r in json.loads((out / "results.json").read_text())}
     assert {"full-s0", "full-s1", "cfs-s0", "cfs-s1", "full (2 seeds)", "cfs (2 seeds)"} <= set(rows)
     wise = [r for r in rows if r.startswith("wise")]  # a run's own seeds: one copy, no group row
@@ -369,8 +373,11 @@ def test_seeds_replicate_runs_and_the_report_pairs_them(tiny_model, tmp_path, ca
     (out / "results.md").unlink()
     assert cli_main(["report", str(out)]) == 0
     assert (out / "results.md").read_text() == md
+    capsys.readouterr()
+    # `--only` runs nothing more here, and its report still holds every run evaluated.
     run(RunConfig(experiment=str(path), out=str(tmp_path / "e"), only=["full-s0"]))
-    assert "comparison cfs vs full skipped: cfs is not evaluated" in capsys.readouterr().out
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "results.md").read_text() == md
 
 
 def test_instruction_yardsticks_in_the_runner(tiny_model, tmp_path):

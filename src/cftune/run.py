@@ -43,7 +43,8 @@ class RunConfig:
     stages: str | None = field(None, "folder of the stages (data, CF pools, trained models, "
                                "evaluations), shared by configs run into it: a stage another "
                                "config already ran is reused (default: the experiment folder)")
-    only: list[str] = field([], "run only these runs (and what they need)")
+    only: list[str] = field([], "run only these runs (and what they need); the report still "
+                            "holds every run of the config evaluated so far")
     dry_run: bool = field(False, "print the stages and whether each is cached, then stop")
 
     POSITIONAL = "experiment"  # `cftune run CONFIG`
@@ -78,11 +79,10 @@ class Runner:
         unknown = sorted(set(only) - {r["name"] for r in exp.runs})
         if unknown:
             raise CftuneError(f"--only: unknown run(s) {', '.join(unknown)}")
-        wanted = set(only) or {r["name"] for r in exp.runs}
-        for r in exp.runs:  # a merge needs its parent
-            if r["name"] in wanted and r["method"] == WISE_FT:
-                wanted.add(r["of"])
-        self.runs = [r for r in exp.runs if r["name"] in wanted]
+        # The whole config is planned (so the report can hold every evaluation already done);
+        # `only` narrows what is run to these runs' evaluations and what they need.
+        self.wanted = {"base", *(only or (r["name"] for r in exp.runs))}
+        self.runs = exp.runs
         self.base_fp = fingerprint(exp.model)
         self.stages: list[Stage] = []
         self.models: dict[str, Path | str] = {"base": exp.model}
@@ -98,9 +98,8 @@ class Runner:
         self._add("data", data_dir, self._write_data, lambda: self.test_file.is_file())
 
         trained = [r for r in self.runs if r["method"] != WISE_FT]
-        # Over every run of the config, not the `--only` ones: the pool is the same folder
-        # whichever runs are asked for (a pool drawn without top-K for `--only cfs` would be
-        # another folder than the full config's, and `cfs` would train again).
+        # Over every run of the config: the pool is the same folder whichever runs `--only`
+        # asks for (a pool drawn without top-K for `--only cfs` would be another folder).
         kd = any(r["method"] == "kd" for r in exp.runs)
         cf_settings = {**dataclasses.asdict(exp.cf), "topk_logprobs":
                        max(exp.cf.topk_logprobs, 20 if kd else 0)}
@@ -325,28 +324,37 @@ class Runner:
         incomplete: an experiment folder kept without its model weights (committed results, a
         clone on another machine) reports without training again, and trains again only a model
         whose evaluation, or whose Wise-FT merge's evaluation, is missing."""
+        return self._upstream(lambda stage: not stage.done())
+
+    def _upstream(self, follow: Callable[[Stage], bool]) -> list[Stage]:
+        """The wanted runs' evaluations and, depth first, the stages they need, entering only
+        the stages `follow` accepts; each needed stage before the stage that reads it."""
         by_folder = {s.folder: s for s in self.stages}
         order: list[Stage] = []
 
         def want(stage: Stage) -> None:
-            if any(stage is s for s in order) or stage.done():
+            if any(stage is s for s in order) or not follow(stage):
                 return
             for folder in stage.needs:
                 want(by_folder[folder])
             order.append(stage)
-        for s in self.stages:
-            if _kind(s) == "eval":
-                want(s)
+        for name in self.models:
+            if name in self.wanted:
+                want(self._eval_stage(name))
         return order
+
+    def _eval_stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == f"eval {name}")
 
     def run(self, dry_run: bool = False
             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
         todo = self.todo()
-        for i, s in enumerate(self.stages, 1):
-            state = "to do" if s in todo else "cached" if s.done() else "unneeded"
-            if dry_run:
-                print(f"[{i}/{len(self.stages)}] {s.name:32s} {state:7s} {s.folder}")
-        if dry_run:
+        if dry_run:  # the stages of the wanted runs, in plan order
+            listed = self._upstream(lambda stage: True)
+            listed = [s for s in self.stages if any(s is x for x in listed)]
+            for i, s in enumerate(listed, 1):
+                state = "to do" if s in todo else "cached" if s.done() else "unneeded"
+                print(f"[{i}/{len(listed)}] {s.name:32s} {state:7s} {s.folder}")
             return None
         spent: dict[str, list[tuple[float, float]]] = {}  # (seconds, cost) of finished stages
         for i, s in enumerate(todo, 1):
@@ -362,13 +370,19 @@ class Runner:
     def results(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(rows, comparisons): a row per evaluated model with its metrics and its paired
         metrics against the base; with several seeds, a row per run group (`NAME (n seeds)`)
-        averaging the seeds; and the paired comparisons `eval.compare` asks for."""
+        averaging the seeds evaluated; and the paired comparisons `eval.compare` asks for.
+        Every run of the config evaluated so far is in, whichever runs `--only` ran."""
         from cftune.compare import paired_metrics, seed_metrics, seed_ratios
 
         results, rows = {}, []
+        pending = [name for name in self.models if not self._eval_stage(name).done()]
+        if pending:
+            print(f"cftune run: {len(pending)} run(s) not evaluated yet, not in the report: "
+                  f"{', '.join(pending)}")
         for name, model in self.models.items():
-            folder = next(s.folder for s in self.stages if s.name == f"eval {name}")
-            results[name] = read_json(folder / "result.json")
+            if name in pending:
+                continue
+            results[name] = read_json(self._eval_stage(name).folder / "result.json")
             run = next((r for r in self.runs if r["name"] == name), None)
             row = {"run": name, "method": "base" if run is None else
                    (run["method"] if run["method"] == WISE_FT else
@@ -409,9 +423,9 @@ class Runner:
                              "steps": first.get("steps"), "tokens": None, "wall_time_s": None})
         comparisons = []
         for a, b in self.exp.eval.compare:
-            if a not in groups or b not in groups:  # `--only` left one side out
+            if a not in groups or b not in groups:
                 print(f"cftune run: comparison {b} vs {a} skipped: "
-                      f"{a if a not in groups else b} is not evaluated in this invocation")
+                      f"{a if a not in groups else b} is not evaluated yet")
                 continue
             ref, model = ([results[m["run"]] for m in groups[g]] for g in (a, b))
             metrics = paired_metrics(ref, model, with_kl=True)
