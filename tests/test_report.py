@@ -63,6 +63,19 @@ def test_one_panel_without_benchmarks(rows, tmp_path):
                             round(report.FIG_HEIGHT * report.DPI))
 
 
+def test_a_panel_per_forgetting_yardstick(rows, tmp_path):
+    """Instruction KL and the paired rise of the reference NLL, once measured, get a panel each
+    beside CF KL and the benchmark average."""
+    from PIL import Image
+
+    for i, r in enumerate(rows):
+        r["metrics"]["instr_kl"] = metric(3.0 * i, 0.5)
+        r["metrics"]["paired/instr_ref_nll"] = metric(0.05 * i, 0.02)
+    path = report.plot_tradeoff(rows, tmp_path / "t.png")
+    with Image.open(path) as img:
+        assert img.size[0] == 4 * round(report.FIGSIZE_PER_PANEL * report.DPI)
+
+
 def test_plot_task_nll_axis(rows, tmp_path):
     """The y axis can be the reference solutions' NLL (for tasks where accuracy stays near 0)."""
     for r, nll in zip(rows, (0.8, 1.5, 0.9, 1.2, 1.4)):

@@ -42,11 +42,14 @@ from cftune.samples import atomic_write_text
 BASE = "base"
 TASK, TASK_NLL, KL, BENCH = "task_acc", "task_nll", "kl", "bench_avg"
 INSTR_KL, INSTR_NLL, BENCH_PAIRED = "instr_kl", "instr_ref_nll", "bench_paired_avg"
+INSTR_NLL_PAIRED = "paired/instr_ref_nll"  # its rise over the base's, paired per prompt
 # A run's quantity as a fraction of another run's, seed by seed (`cftune.compare.seed_ratios`).
 RATIOS = ("ratio/task_gain", "ratio/kl", "ratio/instr_kl", "ratio/instr_ref_nll_rise")
 PAIRED_PREFIXES = ("paired/", "margin/")  # measured against another model: tables of their own
 TASK_AXES = (TASK, TASK_NLL)  # what the plot's y axis may show
-FORGETTING_AXES = (KL, INSTR_KL, BENCH_PAIRED)  # a plot panel each, when measured
+# A plot panel each, when measured. The reference NLL is drawn as its paired rise over the
+# base's: its spread over prompts (±0.15) would hide differences of 0.2 that pairing resolves.
+FORGETTING_AXES = (KL, INSTR_KL, INSTR_NLL_PAIRED, BENCH_PAIRED)
 METRIC_ORDER = (TASK, TASK_NLL, KL, "kl_per_token", INSTR_KL, INSTR_NLL, BENCH, BENCH_PAIRED)
 # Already measured against the base (0 for the base itself): a Δ column would repeat them.
 VERSUS_BASE = (KL, "kl_per_token", "stream_capped", INSTR_KL, BENCH_PAIRED)
@@ -57,6 +60,8 @@ AXIS_LABELS = {
     TASK_NLL: "Task: NLL of the reference solutions, nats per token",
     KL: "Forgetting: KL(base‖model) on CF samples, nats per sample",
     INSTR_KL: "Forgetting: KL(base‖model) on instruction responses, nats per response",
+    INSTR_NLL_PAIRED: "Forgetting: rise of the human instruction responses' NLL over the "
+    "base's, nats per token",
     BENCH: "Benchmark average accuracy",
     BENCH_PAIRED: "Forgetting: mean paired Δ accuracy vs base over benchmarks",
 }
@@ -267,7 +272,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 def _point(row: dict[str, Any], x_name: str, y_name: str = TASK) -> tuple[float, float] | None:
     """(x, y) of a run in a panel, or None when it lacks a coordinate."""
     x, y = value(row, x_name), value(row, y_name)
-    if x is None and x_name in (KL, INSTR_KL, BENCH_PAIRED) and row.get("method") == BASE:
+    if x is None and x_name in FORGETTING_AXES and row.get("method") == BASE:
         x = 0.0
     return None if x is None or y is None else (x, y)
 
@@ -413,7 +418,8 @@ def _panel(ax: Any, rows: list[dict[str, Any]], x_name: str, y_name: str,
         ax.set_ylim(max(bottom, -0.04), min(top, 1.04))
     # Less forgetting is lower KL (left) but higher benchmark accuracy (right); a better task
     # score is higher accuracy but lower NLL.
-    x, ha, arrow = (0.02, "left", "←") if x_name in (KL, INSTR_KL) else (0.98, "right", "→")
+    lower_is_better = x_name in (KL, INSTR_KL, INSTR_NLL_PAIRED)
+    x, ha, arrow = (0.02, "left", "←") if lower_is_better else (0.98, "right", "→")
     up = "↑" if y_name == TASK else "↓"
     hint = ax.text(x, 0.98, f"better: {up} {arrow}", transform=ax.transAxes, ha=ha, va="top",
                    fontsize=8, color="0.45")
@@ -432,8 +438,9 @@ def plotted_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot_tradeoff(rows: list[dict[str, Any]], path: str | os.PathLike,
                   title: str = "Task gain vs forgetting", y_name: str = TASK) -> Path:
-    """Write the trade-off plot: a KL panel, plus a benchmark-average panel when measured; the
-    y axis is the task metric `y_name` (`task_acc` or `task_nll`).
+    """Write the trade-off plot: a panel per forgetting yardstick measured (CF KL, instruction
+    KL, instruction reference NLL, paired benchmark Δ, else the benchmark average); the y axis
+    is the task metric `y_name` (`task_acc` or `task_nll`).
 
     The size is fixed (6.5 x 5 inches per panel at 150 dpi) so reports line up across runs. We
     draw on an Agg canvas of our own rather than through pyplot, so a caller's backend (a
