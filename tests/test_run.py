@@ -402,6 +402,8 @@ def test_instruction_yardsticks_in_the_runner(tiny_model, tmp_path):
     assert full["metrics"]["instr_kl"]["value"] != 0
     assert "task_acc" not in full["metrics"] and "task_nll" in full["metrics"]
     result = json.loads(next((out / "evals").glob("full-*/result.json")).read_text())
+    assert result["name"] == "full" and result["seconds"] > 0  # what was scored, how long it took
+    assert {"python", "cftune", "torch", "transformers"} <= set(result["versions"])
     assert [r["index"] for r in result["items"]["bench/mine"]["records"]] == [3, 4]
     assert full["metrics"]["paired/mine"]["n"] == 2
     paired = full["metrics"]["paired/instr_ref_nll"]

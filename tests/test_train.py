@@ -260,6 +260,7 @@ def test_each_method_trains_and_logs_its_terms(files, tmp_path, method, extra):
     has_stream = method in ("replay", "contextual", "cfs")
     assert all(("cf_loss" in r) == has_stream for r in log)
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] == torch.__version__  # what trained it, to reproduce it
     if method == "l2":
         assert all(r["loss"] > r["task_loss"] for r in log[1:])  # the penalty is in the loss
     if method == "flow":

@@ -18,7 +18,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ from cftune.models import (
     resolve_device,
 )
 from cftune.prompts import PromptSpec, prompt_ids, resolve_format
+from cftune.provenance import package_versions
 from cftune.sampler import ContinuousSampler, Drawn, Job, SamplingParams
 from cftune.samples import (
     EXPORTS,
@@ -249,18 +249,6 @@ def without_later_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     their default (the old behaviour): a folder written before them resumes, and keeps its key."""
     return {k: v for k, v in settings.items()
             if not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
-
-
-def _package_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("cftune", "torch", "transformers", "accelerate", "datasets"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 class _Acceptor:
@@ -652,7 +640,7 @@ def _manifest(config, tokenizer, eos, prefix, prefix_source, acceptor, wall, tok
         },
         "format": config.format,
         "processes": world,
-        "versions": _package_versions(),
+        "versions": package_versions(),
         "wall_time_s": round(wall, 2),
         "tokens_per_s": round(tokens_sampled / wall, 1) if wall > 0 else None,
     }

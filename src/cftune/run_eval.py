@@ -4,11 +4,13 @@ the per-item outcomes that paired comparisons need (`cftune.compare`)."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 from cftune import precision
 from cftune.experiment import Experiment
+from cftune.provenance import package_versions
 
 
 def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Path,
@@ -25,6 +27,7 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
     from cftune.models import load_model, load_tokenizer, weight_dtype
 
     e, spec = exp.eval, exp.task.prompt_spec
+    started = time.perf_counter()
     tokenizer = load_tokenizer(model_spec)
     model = load_model(model_spec, "auto", e.score_dtype, inference=True)
     metrics: dict[str, Any] = {}
@@ -40,10 +43,10 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
     for bench in e.bench:
         res = run_benchmark(model, tokenizer, bench, limit=e.limit, batch_size=e.batch_size,
                             dtype=e.score_dtype, data_dir=e.data_dir, offset=e.offset)
-        name = f"bench/{res['benchmark']}"
-        metrics[name] = {**_metric(res, res["primary"]), "metric": res["primary"]}
-        items[name] = {"primary": res["primary"], "records": res["items"]}
-        primaries.append(metrics[name])
+        key = f"bench/{res['benchmark']}"
+        metrics[key] = {**_metric(res, res["primary"]), "metric": res["primary"]}
+        items[key] = {"primary": res["primary"], "records": res["items"]}
+        primaries.append(metrics[key])
     if primaries:
         se = math.sqrt(sum((m["stderr"] or 0) ** 2 for m in primaries)) / len(primaries)
         mean = sum(m["value"] for m in primaries) / len(primaries)
@@ -65,7 +68,8 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
                             dtype=decode_dtype, prompt=spec, decode=decode)
         metrics = {"task_acc": _metric(acc, "acc"), **metrics}
         items["task_acc"] = acc["correct"]
-    return {"model": str(model_spec), "name": name, "metrics": metrics, "items": items}
+    return {"model": str(model_spec), "name": name, "metrics": metrics, "items": items,
+            "seconds": round(time.perf_counter() - started, 1), "versions": package_versions()}
 
 
 def _instruction_metrics(model, tokenizer, folder: Path, exp: Experiment, base_fp: str,

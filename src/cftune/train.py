@@ -39,6 +39,7 @@ from cftune.errors import CftuneError, did_you_mean
 from cftune.locking import output_locked
 from cftune.models import DEFAULT_MODEL, DTYPES, load_model, load_tokenizer, resolve_device
 from cftune.prompts import known_doc_start
+from cftune.provenance import package_versions
 from cftune.samples import (
     MANIFEST,
     atomic_write_json,
@@ -833,6 +834,7 @@ def _save(trainer, tokenizer, config: TrainConfig, out: Path, inputs: dict[str, 
         "steps": trainer.state.global_step, "train_loss": result.training_loss,
         "final": train_logs[-1] if train_logs else None, **facts,
         "seconds": round(seconds, 2), "adapter": (out / "adapter_config.json").is_file(),
+        "versions": package_versions(),
     })
     if not config.keep_checkpoints:  # only an unfinished run needs them (--resume)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
