@@ -155,8 +155,27 @@ def test_print_table(rows, capsys):
 
 
 def test_wiseft_curve_runs_from_base_through_alphas_to_parent(rows):
-    curve = report._wiseft_curves(report.order_rows(rows))["full"]
+    ordered = report.order_rows(rows)
+    curve = report._wiseft_curves(ordered, {r["run"]: r for r in ordered})["full"]
     assert [r["run"] for r in curve] == ["base", "full-wise-0.25", "full-wise-0.5", "full"]
+
+
+def test_wiseft_of_a_seed_replicate_ends_at_it_in_its_methods_colour(rows):
+    """Only the group row of replicates is drawn; Wise-FT of one seed still ends its curve at
+    that seed's model, coloured as its method (it was drawn grey, ending at its last alpha)."""
+    rows[0].update(run="full-s0", group="full", seed=0)
+    rows.append({**run("full (2 seeds)", "full", {"task_acc": metric(0.55), "kl": metric(5.2)}),
+                 "group": "full", "seeds": [0, 1]})
+    for r in rows:
+        if r.get("parent") == "full":
+            r["parent"] = "full-s0"
+    by_name = {r["run"]: r for r in rows}
+    shown = report.plotted_rows(report.order_rows(rows))
+    assert "full-s0" not in {r["run"] for r in shown}
+    curve = report._wiseft_curves(shown, by_name)["full-s0"]
+    assert curve[-1]["run"] == "full-s0"
+    colors = {"full": "red", "cfs": "blue"}
+    assert report._color(curve[1], by_name, colors) == "red"
 
 
 def test_error_bars_use_ci95_else_stderr(rows):

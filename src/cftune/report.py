@@ -294,9 +294,12 @@ def _is_wiseft(row: dict[str, Any]) -> bool:
     return row.get("parent") is not None and row.get("alpha") is not None
 
 
-def _wiseft_curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """parent -> [base, Wise-FT rows by increasing alpha, parent], the endpoints when present."""
-    by_name, base = {r["run"]: r for r in rows}, base_row(rows)
+def _wiseft_curves(rows: list[dict[str, Any]],
+                   by_name: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """parent -> [base, Wise-FT rows by increasing alpha, parent], the endpoints when present.
+    The parent is looked up in `by_name` (every row, by run): a seed replicate merged by Wise-FT
+    ends its curve though only its group's row is drawn as a point."""
+    base = base_row(rows)
     curves: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if _is_wiseft(r):
@@ -353,47 +356,50 @@ def _obstacles(ax: Any, points: list[tuple[tuple[float, float], tuple[float, flo
     return boxes
 
 
-def _color(row: dict[str, Any] | None, rows: list[dict[str, Any]], colors: dict[str, Any]) -> Any:
+def _color(row: dict[str, Any] | None, by_name: dict[str, dict[str, Any]],
+           colors: dict[str, Any]) -> Any:
     """A run's colour: its method's, and for a Wise-FT point its parent's."""
     if row is not None and _is_wiseft(row):
-        row = next((q for q in rows if q["run"] == row["parent"]), None)
+        row = by_name.get(row["parent"])
     return colors.get((row or {}).get("method", ""), "0.4")
 
 
-def _style(row: dict[str, Any], rows: list[dict[str, Any]],
+def _style(row: dict[str, Any], by_name: dict[str, dict[str, Any]],
            colors: dict[str, Any]) -> dict[str, Any]:
     if row.get("method") == BASE:
         return {"marker": "*", "ms": 16, "color": "black", "mec": "white", "zorder": 4}
     if _is_wiseft(row):
-        return {"marker": "o", "ms": 5, "color": _color(row, rows, colors), "zorder": 3}
-    return {"marker": "o", "ms": 9, "color": _color(row, rows, colors), "mec": "white",
+        return {"marker": "o", "ms": 5, "color": _color(row, by_name, colors), "zorder": 3}
+    return {"marker": "o", "ms": 9, "color": _color(row, by_name, colors), "mec": "white",
             "zorder": 3}
 
 
-def _legend(ax: Any, rows: list[dict[str, Any]], colors: dict[str, Any]) -> Any:
+def _legend(ax: Any, rows: list[dict[str, Any]], by_name: dict[str, dict[str, Any]],
+            colors: dict[str, Any]) -> Any:
     """Which colour is which method, and what the dashed Wise-FT curves are."""
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], ls="none", label=BASE, **_style(r, rows, colors))
+    handles = [Line2D([], [], ls="none", label=BASE, **_style(r, by_name, colors))
                for r in rows[:1] if r.get("method") == BASE]
     handles += [Line2D([], [], ls="none", marker="o", ms=8, color=c, mec="white", label=m)
                 for m, c in colors.items()]
-    handles += [Line2D([], [], ls="--", marker="o", ms=4, color=_color(curve[-1], rows, colors),
+    handles += [Line2D([], [], ls="--", marker="o", ms=4,
+                       color=_color(curve[-1], by_name, colors),
                        label=f"Wise-FT of {parent} (α: base→{parent})")
-                for parent, curve in _wiseft_curves(rows).items()]
+                for parent, curve in _wiseft_curves(rows, by_name).items()]
     return ax.legend(handles=handles, loc="best", fontsize=8, framealpha=0.9)
 
 
-def _panel(ax: Any, rows: list[dict[str, Any]], x_name: str, y_name: str,
-           colors: dict[str, Any], legend: bool) -> None:
-    """One panel: the task metric `y_name` against `x_name`, a labelled point per run, Wise-FT
-    curves."""
+def _panel(ax: Any, rows: list[dict[str, Any]], by_name: dict[str, dict[str, Any]],
+           x_name: str, y_name: str, colors: dict[str, Any], legend: bool) -> None:
+    """One panel: the task metric `y_name` against `x_name`, a labelled point per row of
+    `rows`, Wise-FT curves (parents found in `by_name`, every row by run)."""
     from matplotlib.ticker import PercentFormatter
 
-    for curve in _wiseft_curves(rows).values():
+    for curve in _wiseft_curves(rows, by_name).values():
         pts = [p for p in (_point(r, x_name, y_name) for r in curve) if p]
         if len(pts) > 1:
-            ax.plot(*zip(*pts), "--", color=_color(curve[-1], rows, colors), lw=1.3, alpha=0.8,
+            ax.plot(*zip(*pts), "--", color=_color(curve[-1], by_name, colors), lw=1.3, alpha=0.8,
                     zorder=1)
     labels, drawn = [], []
     for r in rows:
@@ -401,7 +407,7 @@ def _panel(ax: Any, rows: list[dict[str, Any]], x_name: str, y_name: str,
         if p is None:
             continue
         xerr, yerr = ci_error(r, x_name), ci_error(r, y_name)
-        style = _style(r, rows, colors)
+        style = _style(r, by_name, colors)
         ax.errorbar([p[0]], [p[1]], xerr=[[xerr[0]], [xerr[1]]], yerr=[[yerr[0]], [yerr[1]]],
                     ecolor=style["color"], elinewidth=1, capsize=2, alpha=0.9, ls="none", **style)
         labels.append((f"α={float(r['alpha']):g}" if _is_wiseft(r) else str(r["run"]), *p))
@@ -423,7 +429,7 @@ def _panel(ax: Any, rows: list[dict[str, Any]], x_name: str, y_name: str,
     up = "↑" if y_name == TASK else "↓"
     hint = ax.text(x, 0.98, f"better: {up} {arrow}", transform=ax.transAxes, ha=ha, va="top",
                    fontsize=8, color="0.45")
-    extra = [_legend(ax, rows, colors)] if legend else []
+    extra = [_legend(ax, rows, by_name, colors)] if legend else []
     ax.figure.canvas.draw()  # fixes the limits, so data -> pixel transforms are final
     renderer = ax.figure.canvas.get_renderer()
     obstacles = _obstacles(ax, drawn) + [a.get_window_extent(renderer) for a in [hint] + extra]
@@ -452,6 +458,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | os.PathLike,
 
     if y_name not in TASK_AXES:
         raise ValueError(f"y_name must be one of {TASK_AXES} (got {y_name!r})")
+    by_name = {r["run"]: r for r in rows}
     rows = plotted_rows(order_rows(rows))
     measured = [n for n in FORGETTING_AXES if any(value(r, n) is not None for r in rows)]
     panels = measured + ([BENCH] if BENCH_PAIRED not in measured and
@@ -466,7 +473,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | os.PathLike,
     palette = colormaps["tab10"].colors
     colors = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     for i, (ax, x_name) in enumerate(zip(axes[0], panels)):
-        _panel(ax, rows, x_name, y_name, colors, legend=i == 0)
+        _panel(ax, rows, by_name, x_name, y_name, colors, legend=i == 0)
         if not any(_point(r, x_name, y_name) for r in rows):
             ax.text(0.5, 0.5, f"no run has both {y_name} and {x_name}", transform=ax.transAxes,
                     ha="center", va="center", color="0.4")
