@@ -79,6 +79,13 @@ def test_runner_writes_results_and_caches_every_stage(tiny_model, tmp_path, caps
     run(RunConfig(experiment=str(changed), out=str(out)))
     assert stages_run(capsys.readouterr().out) == ["train cfs", "eval cfs"]
 
+    # An option that does not change the model (memory, checkpoints kept) redoes nothing.
+    memory = write_config(tmp_path, tiny_model, train={
+        **yaml.safe_load(path.read_text())["train"], "mmap_threshold": 1 << 20,
+        "keep_checkpoints": True})
+    run(RunConfig(experiment=str(memory), out=str(out)))
+    assert stages_run(capsys.readouterr().out) == []
+
 
 def test_sweep_expands_into_runs_and_dry_run_lists_stages(tiny_model, tmp_path, capsys):
     path = write_config(tmp_path, tiny_model, runs=[

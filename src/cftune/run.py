@@ -29,7 +29,7 @@ from cftune.locking import output_lock
 from cftune.models import fingerprint
 from cftune.run_eval import evaluate_one
 from cftune.samples import atomic_write_json, read_json
-from cftune.train import TrainConfig
+from cftune.train import NOT_A_SETTING, TrainConfig
 
 EVAL_VERSION = 4  # part of every eval stage's key: bump when the metrics computed change
 
@@ -156,7 +156,9 @@ class Runner:
                           "contextual": self.contextual.get(r["seed"])}.get(
                     r["method"], self.pool.get((r["seed"], _pool_id(r))))
                 settings = exp.train_settings(r, self.train_file, stream)
-                folder = self.out / "runs" / f"{r['name']}-{self._key(settings, self.base_fp)}"
+                # memory and resume options do not change the model: they keep the folder
+                kept = {k: v for k, v in settings.items() if k not in NOT_A_SETTING}
+                folder = self.out / "runs" / f"{r['name']}-{self._key(kept, self.base_fp)}"
                 examples = (settings.get("max_steps") or 1) * (settings.get("batch_size") or 1)
                 self._add(f"train {r['name']}", folder, self._train_work(settings, folder),
                           lambda f=folder: _has_weights(f), cost=examples,
