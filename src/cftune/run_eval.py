@@ -69,7 +69,7 @@ def evaluate_one(exp: Experiment, name: str, model_spec: Path | str, heldout: Pa
         metrics = {"task_acc": _metric(acc, "acc"), **metrics}
         items["task_acc"] = acc["correct"]
     return {"model": str(model_spec), "name": name, "metrics": metrics, "items": items,
-            "seconds": round(time.perf_counter() - started, 1), "versions": package_versions()}
+            "seconds": round(time.perf_counter() - started, 3), "versions": package_versions()}
 
 
 def _instruction_metrics(model, tokenizer, folder: Path, exp: Experiment, base_fp: str,
