@@ -22,7 +22,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from cftune.evaluate import benchmarks
+import cftune.evaluate.benchmarks as benchmarks
 from cftune.evaluate.multiple_choice import mc_metrics, score_items
 from cftune.models import DEFAULT_MODEL, load_model, load_tokenizer, local_path
 

@@ -13,9 +13,10 @@ import time
 
 import torch
 
-from cftune.generate import stop_ids
+from cftune.generate.config import stop_ids
+from cftune.generate.sampler import ContinuousSampler
+from cftune.generate.sampling import Job, SamplingParams
 from cftune.models import DEFAULT_MODEL, autocast, load_model, load_tokenizer
-from cftune.sampler import ContinuousSampler, Job, SamplingParams
 
 
 def plain_generate(model, tokenizer, n: int, batch: int, max_new: int, dtype: str) -> int:
@@ -48,8 +49,8 @@ def vllm_sample(spec: str, tokenizer, stops: list[int], n: int, max_new: int,
                 dtype: str) -> tuple[int, float, float]:
     """(useful tokens, seconds, engine start seconds) of `--engine vllm` on the same jobs; its
     start (model load, warm-up compilation) is timed apart, as a long run amortises it."""
+    from cftune.generate.vllm_engine import VLLMSampler
     from cftune.models import local_path
-    from cftune.vllm_sampler import VLLMSampler
 
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     t = time.perf_counter()

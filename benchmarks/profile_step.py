@@ -20,7 +20,8 @@ from train_throughput import task_file
 from transformers import TrainerCallback
 
 from cftune.models import DEFAULT_MODEL
-from cftune.train import TrainConfig, train
+from cftune.train.config import TrainConfig
+from cftune.train.stage import train
 
 
 class Profile(TrainerCallback):

@@ -31,11 +31,14 @@ from pathlib import Path
 
 import torch
 
-from cftune import data, memory
-from cftune.generate import GenerateConfig, generate
+from cftune import memory
+from cftune.generate.config import GenerateConfig
+from cftune.generate.stage import generate
 from cftune.models import DEFAULT_MODEL, load_model, load_tokenizer
 from cftune.tasks import resolve_task, write_jsonl
-from cftune.train import TrainConfig, train
+from cftune.train import data
+from cftune.train.config import TrainConfig
+from cftune.train.stage import train
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 

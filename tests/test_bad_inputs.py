@@ -92,7 +92,9 @@ def merge(e: Env, *flags: str) -> list[str]:
 
 
 def experiment(e: Env, **changes: object) -> str:
-    config = {
+    """A tiny experiment config; a section given in `changes` (task, cf, eval, ...) is merged
+    into the default one key by key, as `extends:` does, any other key replaced."""
+    config: dict[str, object] = {
         "model": e.model,
         "task": {"train": "builtin:arithmetic", "test": "builtin:arithmetic", "train_rows": 4,
                  "test_rows": 2},
@@ -101,12 +103,25 @@ def experiment(e: Env, **changes: object) -> str:
         "eval": {"task_limit": 2, "max_new_tokens": 4, "batch_size": 2},
         "runs": [{"name": "full", "method": "full"}],
     }
-    config.update(changes)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(config.get(key), dict)
+        config[key] = {**config[key], **value} if both else value  # type: ignore[dict-item]
     return e.file("exp.yaml", json.dumps(config))  # JSON is YAML
 
 
 def run(e: Env, yaml_file: str) -> list[str]:
     return ["run", yaml_file, "--out", e.out]
+
+
+def plan(e: Env, **changes: object) -> list[str]:
+    """`cftune run --dry-run` of `experiment(e, **changes)`: a config the runner would plan
+    without a word must be refused when it is read."""
+    return [*run(e, experiment(e, **changes)), "--dry-run"]
+
+
+def bench(e: Env, *rows: object) -> list[str]:
+    """`cftune eval --bench mine=PATH` on a benchmark file of your own holding `rows`."""
+    return evaluate(e, "--bench", "mine=" + e.jsonl("mine.jsonl", *rows))
 
 
 def cut_last_line(folder: Path) -> Path:
@@ -221,6 +236,59 @@ CASES: list[tuple[str, Callable[[Env], list[str]], tuple[str, ...]]] = [
     ("eval-zero", lambda e: evaluate(e, "--batch-size", "0"), ("batch_size", "> 0")),
     ("eval-negative", lambda e: evaluate(e, "--limit", "-2"), ("limit", "-2")),
     ("merge-out-of-range", lambda e: merge(e, "--alpha", "1.5"), ("alpha", "1.5")),
+    ("train-negative-eval-steps", lambda e: train(e, None, "--eval-steps", "-1"),
+     ("`eval_steps` = -1 must be >= 0",)),
+    ("train-negative-save-total-limit", lambda e: train(e, None, "--save-total-limit", "-1"),
+     ("`save_total_limit` = -1 must be >= 0",)),
+    ("train-negative-mmap-threshold", lambda e: train(e, None, "--mmap-threshold", "-1"),
+     ("`mmap_threshold` = -1 must be >= 0",)),
+    ("generate-negative-min-tokens", lambda e: generate(e, "--min-tokens", "-1"),
+     ("min_tokens must be >= 0 (got -1)",)),
+    # --- negative counts in a runner config (issue 32, item 4): `rows[:-5]` would keep all but
+    # the last 5 rows, `limit: -10` all but the last 10 items, `instruction_limit: -1` one less
+    ("run-negative-train-rows", lambda e: plan(e, task={"train": e.task, "train_rows": -5}),
+     ("exp.yaml: task: task.train_rows must be >= 0 (got -5)", "0 = all")),
+    ("run-negative-test-rows", lambda e: plan(e, task={"test_rows": -2}),
+     ("exp.yaml: task: task.test_rows must be >= 0 (got -2)",)),
+    ("run-zero-builtin-rows", lambda e: plan(e, task={"train_rows": 0}),
+     ("exp.yaml: task: task.train_rows must be >= 1 for builtin:arithmetic (got 0)",)),
+    ("run-negative-limit", lambda e: plan(e, eval={"limit": -10}),
+     ("exp.yaml: eval: eval.limit must be >= 1 (got -10)", "items per benchmark")),
+    ("run-negative-instruction-limit", lambda e: plan(e, eval={"instruction_limit": -1}),
+     ("exp.yaml: eval: eval.instruction_limit must be >= 1 (got -1)",)),
+    ("run-counts-listed-at-once", lambda e: plan(e, eval={"task_limit": 0, "batch_size": -1,
+                                                          "max_new_tokens": 0}),
+     ("eval.task_limit must be >= 1 (got 0)", "eval.max_new_tokens must be >= 1 (got 0)",
+      "eval.batch_size must be >= 1 (got -1)")),
+    ("run-zero-instruction-samples", lambda e: plan(e, eval={"instruction_samples": 0}),
+     ("exp.yaml: eval: eval.instruction_samples must be >= 1 (got 0)",)),
+    ("run-negative-instruction-tokens", lambda e: plan(e, eval={"instruction_max_new_tokens": -8}),
+     ("eval.instruction_max_new_tokens must be >= 1 (got -8)",)),
+    ("run-negative-replay-rows", lambda e: plan(e, replay={"rows": -3}),
+     ("exp.yaml: replay: replay.rows must be >= 0 (got -3)",)),
+    ("run-negative-contextual-tokens", lambda e: plan(e, contextual={"max_new_tokens": -1}),
+     ("exp.yaml: contextual: contextual.max_new_tokens must be >= 1 (got -1)",)),
+    ("run-one-heldout-sample", lambda e: plan(e, cf={"heldout": 1}),
+     ("exp.yaml: cf.heldout must be an integer >= 2 (got 1)",)),
+    ("run-heldout-not-a-number", lambda e: plan(e, cf={"heldout": "lots"}),
+     ("exp.yaml: cf.heldout must be an integer >= 2 (got 'lots')",)),
+    ("run-seed-not-a-number", lambda e: plan(e, seed="one"),
+     ("exp.yaml: seed must be an integer (got 'one')",)),
+    ("run-negative-cf-batch", lambda e: plan(e, cf={"batch_size": -4}),
+     ("exp.yaml: cf: batch_size must be > 0 (got -4)",)),
+    ("run-negative-train-batch", lambda e: plan(e, train={"batch_size": -2}),
+     ("exp.yaml: run 'full'", "`batch_size` = -2 must be >= 1")),
+    # --- a benchmark file of your own (issue 32, item 4): an item with one choice is always
+    # right, repeated choices always tie (the first wins)
+    ("bench-one-choice", lambda e: bench(e, {"context": "2+2=", "choices": ["4", "5"], "gold": 0},
+                                         {"context": "3+3=", "choices": ["6"], "gold": 0}),
+     ("mine.jsonl line 2", "`choices` holds one choice", "give at least two choices")),
+    ("bench-repeated-choices", lambda e: bench(e, {"context": "2+2=", "choices": ["4", "5", "4"],
+                                                   "gold": 0}),
+     ("mine.jsonl line 1", "`choices` repeats '4' (choices 0 and 2)", "make the choices distinct")),
+    ("bench-repeated-options", lambda e: bench(e, {"sentence": "The _ fell.", "option1": "cup",
+                                                   "option2": "cup", "answer": "1"}),
+     ("mine.jsonl line 1", "`option1/option2` repeats 'cup'")),
     ("merge-nan", lambda e: merge(e, "--alpha", "nan"), ("alpha", "nan")),
     # --- unknown names (with a suggestion) and malformed YAML
     ("unknown-method", lambda e: train(e, None, "--method", "cfz"), ("`method`", "did you mean cfs")),
@@ -322,9 +390,9 @@ def test_full_disk_is_one_line_and_nothing_reads_as_finished(env, capsys, monkey
     import pkgutil
 
     import cftune
-    import cftune.samples
+    import cftune.io
 
-    real = cftune.samples.atomic_write_text
+    real = cftune.io.atomic_write_text
 
     def full_disk(path, text):
         if Path(path).name == target:
@@ -374,13 +442,13 @@ def test_over_long_rows_are_cut_with_a_note_and_counted(env, capsys):
 def test_a_library_that_fails_to_load_is_named_with_its_fix(monkeypatch, capsys, tmp_path):
     """An OSError without errno is a library that failed to load (a package built for another
     torch), not the file system: the line says to reinstall it, not to free space."""
-    import cftune.generate
+    import cftune.generate.stage
     from cftune.cli import main
 
     def broken(config):
         raise OSError("Could not load this library: /x/lib/_torchaudio.so")
 
-    monkeypatch.setattr(cftune.generate, "generate", broken)
+    monkeypatch.setattr(cftune.generate.stage, "generate", broken)
     assert main(["generate", "--out", str(tmp_path / "o"), "--num-samples", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "_torchaudio.so" in err

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cftune import data
 from cftune.errors import CftuneError
+from cftune.io import atomic_write_json
 from cftune.models import load_model, load_tokenizer
-from cftune.samples import atomic_write_json
+from cftune.train import batches as batching
+from cftune.train import data
 
 ROWS = [{"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"}
         for i in range(12)]
@@ -27,7 +28,8 @@ def make_cf_folder(folder: Path, model_dir: Path, n: int, seed: int = 0, topk: i
     With `prompts`, record i is drawn after prompts[i % len(prompts)] and carries it as
     `prompt_ids` (contextual data). Used by the other test modules too.
     """
-    from cftune.sampler import ContinuousSampler, Job, SamplingParams
+    from cftune.generate.sampler import ContinuousSampler
+    from cftune.generate.sampling import Job, SamplingParams
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(model_dir)
@@ -197,7 +199,7 @@ def test_mix_holds_its_ratio_in_every_batch_and_uses_fresh_cf_first(ratio):
     n_task, n_cf, bs = 50, 400, 8
     rng = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 200, (n_task + n_cf,), generator=rng).tolist()
-    sampler = data.MixedBatchSampler(lengths, n_task, bs, ratio=ratio, seed=3)
+    sampler = batching.MixedBatchSampler(lengths, n_task, bs, ratio=ratio, seed=3)
     seen_cf: list[int] = []
     for epoch in range(2):
         sampler.set_epoch(epoch)
@@ -223,7 +225,7 @@ def test_length_grouping_cuts_padding():
     lengths = torch.randint(5, 300, (400,), generator=torch.Generator().manual_seed(1)).tolist()
 
     def padding(group: int) -> int:
-        batches = data.MixedBatchSampler(lengths, 200, 8, ratio=1.0, group=group)
+        batches = batching.MixedBatchSampler(lengths, 200, 8, ratio=1.0, group=group)
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
 
     assert padding(16) < 0.3 * padding(1)
@@ -232,7 +234,7 @@ def test_length_grouping_cuts_padding():
 def test_collator_pads_orders_task_first_and_aligns_topk(cf_folder, tok, tmp_path):
     task, _ = data.task_examples(write_jsonl(tmp_path / "t.jsonl", ROWS[:2]), tok, FMT)
     cf, _ = data.cf_examples(cf_folder, FMT, kd=True)
-    batch = data.Collator(pad_id=tok.pad_token_id, kd=True)([cf[0], task[0], cf[1], task[1]])
+    batch = batching.Collator(pad_id=tok.pad_token_id, kd=True)([cf[0], task[0], cf[1], task[1]])
     assert batch["source"].tolist() == [0, 0, 1, 1]
     width = batch["input_ids"].shape[1]
     for row, e in zip(range(4), [task[0], task[1], cf[0], cf[1]]):
@@ -269,7 +271,8 @@ def test_builtin_task_examples_are_cached_by_the_rows_drawn(tok, tmp_path, monke
     """A built-in task is keyed by the rows its generator draws, not by its name: a changed
     generator (a new cftune version) must not reuse examples tokenised from the old one."""
     from cftune import tasks
-    from cftune.train import TrainConfig, examples
+    from cftune.train.config import TrainConfig
+    from cftune.train.streams import examples
 
     monkeypatch.setenv("CFTUNE_CACHE", str(tmp_path / "cache"))
     config = TrainConfig(task="builtin:arithmetic", method="full", task_rows=4,

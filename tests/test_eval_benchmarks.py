@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import cftune.evaluate.benchmarks as benchmarks
 from cftune.errors import CftuneError
-from cftune.evaluate import benchmarks
 from cftune.evaluate.benchmarks import REGISTRY, Benchmark, Doc, build_item, load, subset
 from cftune.evaluate.task_accuracy import read_task
 
@@ -139,7 +139,7 @@ def test_empty_benchmark(tmp_path):
 
 
 def test_limit_larger_than_set_is_clamped(tmp_path, capsys):
-    path = write_jsonl(tmp_path / "two.jsonl", [{"context": "a", "choices": ["x"], "gold": 0}] * 2)
+    path = write_jsonl(tmp_path / "two.jsonl", [{"context": "a", "choices": ["x", "y"], "gold": 0}] * 2)
     loaded = load(str(path), limit=50)
     assert len(loaded.items) == 2
     assert "--limit 50 is more than the 2 items" in capsys.readouterr().out

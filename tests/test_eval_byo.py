@@ -190,12 +190,47 @@ def test_partial_and_last_word_files_score(tiny, tmp_path):
     ([{"context_options": ["a", "b"], "continuation": "c", "gold": 0}, "not an object"],
      r"x.jsonl line 2: expected a JSON object"),
     ([{"nothing": 1}], r"x.jsonl line 1: cannot tell the benchmark format"),
+    # items that cannot tell models apart (issue 32, item 4): one choice is always right, and
+    # repeated choices always tie, the first winning
+    ([{"context": "c", "choices": ["a", "b"], "gold": 0}, {"context": "c", "choices": ["a"], "gold": 0}],
+     r"x.jsonl line 2: `choices` holds one choice, which is always scored right"),
+    ([{"query": "Question: q", "choices": ["a", "b", "a"], "gold": 1}],
+     r"x.jsonl line 1: `choices` repeats 'a' \(choices 0 and 2\), so they always tie"),
+    ([{"question": "q", "options": {"A": "a"}, "answer_idx": "A"}],
+     r"x.jsonl line 1: `options` holds one choice"),
+    ([{"context_options": ["on the table", "on the table"], "continuation": "c", "gold": 0}],
+     r"x.jsonl line 1: `context_options` repeats 'on the table'"),
+    ([{"sentence": "The _ fell.", "option1": "cup", "option2": "cup", "answer": "2"}],
+     r"x.jsonl line 1: `option1/option2` repeats 'cup'"),
 ])
 def test_malformed_rows_fail_with_one_line_naming_file_and_line(tmp_path, rows, message):
     path = write_jsonl(tmp_path / "x.jsonl", rows)
     with pytest.raises(CftuneError, match=message) as e:
         load(f"x={path}")
     assert "\n" not in str(e.value)
+
+
+def test_a_file_of_your_own_is_checked_before_any_model_loads(tmp_path):
+    """`custom` reads every item, so `cftune eval` and the runner's config check refuse a bad
+    line before a model is loaded or a stage runs, not after the metrics before it."""
+    path = write_jsonl(tmp_path / "x.jsonl", ARC_ROWS[:3] + [{"query": "Question: q",
+                                                               "choices": ["a", "a"], "gold": 0}])
+    with pytest.raises(CftuneError, match=r"x.jsonl line 4: `choices` repeats 'a'"):
+        parse_bench(f"x={path}")
+    with pytest.raises(CftuneError, match=r"x.jsonl line 4: `choices` repeats 'a'"):
+        resolve(str(path))
+
+
+def test_registry_files_keep_their_repeated_choices(shared_data, tmp_path):
+    """llm-foundry's ARC-Easy repeats a choice in a few items (line 94: "decrease" twice): the
+    registry task is scored as lm-eval ships it, while a copy given as a file of your own is
+    refused at that line."""
+    loaded = load("arc_easy", data_dir=shared_data)
+    assert any(len(set(item.choices)) < len(item.choices) for item in loaded.items)
+    copy = tmp_path / "arc.jsonl"
+    copy.write_text((shared_data / REGISTRY["arc_easy"].file).read_text())
+    with pytest.raises(CftuneError, match=r"arc.jsonl line 94: `choices` repeats 'decrease'"):
+        load(f"arc={copy}")
 
 
 def test_template_metric_and_spec_errors(tmp_path):

@@ -41,7 +41,7 @@ def test_eval_end_to_end_and_cache(setup, tmp_path, monkeypatch, capsys):
             "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "bench/acc" in printed and "Δ vs base" in printed and "kl_per_token" in printed
+    assert "bench/bench" in printed and "Δ vs base" in printed and "kl_per_token" in printed
     report = json.loads((out / "eval.json").read_text())
     assert (out / "eval.md").read_text().startswith("# cftune eval")
     assert report["base"] == setup["base"] and [m["role"] for m in report["models"]] == ["base", "model"]
@@ -49,14 +49,14 @@ def test_eval_end_to_end_and_cache(setup, tmp_path, monkeypatch, capsys):
     rows = {(e["model"], e["metric"]): e for e in report["results"]}
     kl_base, kl_model = rows[(setup["base"], "kl")], rows[(setup["perturbed"], "kl")]
     assert abs(kl_base["value"]) < 1e-4 and kl_model["value"] > 0 and kl_model["n"] == 16
-    acc = rows[(setup["perturbed"], "bench/acc")]
+    acc = rows[(setup["perturbed"], "bench/bench")]
     assert acc["n"] == 4 and acc["delta"] == pytest.approx(
-        acc["value"] - rows[(setup["base"], "bench/acc")]["value"])
+        acc["value"] - rows[(setup["base"], "bench/bench")]["value"])
     assert acc["compared_to"] == setup["base"] and len(acc["delta_ci95"]) == 2
-    assert rows[(setup["base"], "task/acc")]["n"] == 3
-    nll = rows[(setup["perturbed"], "task/answer_nll")]
+    assert rows[(setup["base"], "task_acc")]["n"] == 3
+    nll = rows[(setup["perturbed"], "task_nll")]
     assert nll["n"] == 3 and nll["value"] > 0 and not nll["higher_is_better"]
-    assert rows[(setup["base"], "text/perplexity")]["value"] > 1
+    assert rows[(setup["base"], "perplexity/text")]["value"] > 1
 
     # a second run reuses every cached result: make one cached value recognisable
     cached = list((tmp_path / "cache" / "eval").glob("*.json"))
@@ -68,7 +68,8 @@ def test_eval_end_to_end_and_cache(setup, tmp_path, monkeypatch, capsys):
             path.write_text(json.dumps(entry))
     assert main(argv) == 0
     again = json.loads((out / "eval.json").read_text())
-    assert sum(e["value"] == 0.123456 for e in again["results"]) == 2  # both models were cached
+    assert sum(e["value"] == 0.123456 for e in again["results"]
+               if e["metric"] == "bench/bench") == 2  # both models were cached
     assert main(argv + ["--no-cache"]) == 0
     fresh = json.loads((out / "eval.json").read_text())
     assert all(e["value"] != 0.123456 for e in fresh["results"])

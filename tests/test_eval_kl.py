@@ -2,7 +2,8 @@
 KL (by enumeration on a 6-token model) within its error bar, and refusals for unusable samples.
 
 Samples are drawn here with plain ancestral sampling, so these tests don't depend on `cftune
-generate`; the manifest carries the fields that stage writes.
+generate`; the manifest carries the fields that stage writes. The precision tests at the end
+draw with `cftune generate`, whose stored `logp_base` are the sampler's own.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cftune.cli import main as cli_main
 from cftune.errors import CftuneError
 from cftune.evaluate.kl import kl_to_base
-from cftune.models import fingerprint, load_model, load_tokenizer
+from cftune.models import DTYPES, fingerprint, load_model, load_tokenizer
 from cftune.scoring import score_continuations
 
 
@@ -190,3 +192,73 @@ def test_kl_refuses_samples_of_another_base_or_tokenizer(cf_setup, tiny_model_no
         kl_to_base(model, folder, base_fingerprint=fingerprint(perturbed))
     with pytest.raises(CftuneError, match="not by the base's tokenizer"):
         kl_to_base(model, folder, tokenizer=load_tokenizer(str(tiny_model_no_bos)))
+
+
+DTYPE_PAIRS = [(stored, score) for stored in DTYPES for score in DTYPES]
+
+
+@pytest.fixture(scope="module")
+def stored_in(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """Sample folders of the tiny base drawn by `cftune generate` in each precision: their
+    `logp_base` come from the sampler's incremental (KV-cached) passes, in that precision."""
+    root = tmp_path_factory.mktemp("kl_dtypes")
+    for dtype in DTYPES:
+        assert cli_main(["generate", "--model", str(tiny_model), "--num-samples", "8",
+                         "--max-new-tokens", "24", "--batch-size", "4", "--device", "cpu",
+                         "--dtype", dtype, "--out", str(root / dtype)]) == 0
+    return {dtype: root / dtype for dtype in DTYPES}
+
+
+def assert_base_kl_is_zero(per_sample: list[float], score: str) -> None:
+    """Scored in bf16/fp16, the base against its own re-scoring: exactly 0. In fp32 against the
+    stored fp32 `logp_base`: the recomputation error (~1e-6 nats on the tiny model)."""
+    bound = 1e-4 if score == "fp32" else 1e-12
+    assert max(abs(d) for d in per_sample) < bound, per_sample
+
+
+@pytest.mark.parametrize("stored, score", DTYPE_PAIRS, ids=[f"{a}-{b}" for a, b in DTYPE_PAIRS])
+def test_base_kl_is_zero_in_every_precision(tiny_model, stored_in, tmp_path, capsys, stored,
+                                            score):
+    """Issue 32, item 5: `cftune eval --kl-samples S --score-dtype D` on the base. With bf16
+    `logp_base` scored in bf16 the stored values were taken as the reference, and the
+    sampler's cached passes round otherwise than the scorer's full pass (0.073 nats per sample
+    for SmolLM2; up to 5e-3 per sample on the tiny model). Not fp32, the base is re-scored."""
+    out = tmp_path / "ev"
+    assert cli_main(["eval", "--base", str(tiny_model), "--kl-samples", str(stored_in[stored]),
+                     "--score-dtype", score, "--batch-size", "8", "--device", "cpu",
+                     "--no-cache", "--out", str(out)]) == 0
+    capsys.readouterr()
+    raw = json.loads((out / "eval.json").read_text())["raw"][str(tiny_model)]
+    kl = next(r for r in raw if r["kind"] == "kl")
+    assert (kl["score_dtype"], kl["logp_base_dtype"]) == (score, stored)
+    assert ("reference_residual" in kl) == ((stored, score) != ("fp32", "fp32"))
+    assert_base_kl_is_zero(json.loads((out / "items.json").read_text())[str(tiny_model)]["kl"],
+                           score)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_runner_base_kl_is_zero_and_fp32_unchanged(tiny_model, stored_in, tmp_path, dtype):
+    """The runner draws its held-out set in `eval.score_dtype` and evaluates each model as
+    `cftune.experiment.execute.perform` does, with no reference of its own: `kl_to_base`
+    re-scores the base, so KL(base ‖ base) is 0 in bf16 and fp16 too; in fp32 the stored
+    `logp_base` stays the reference, so every committed (fp32) evaluation keeps its numbers."""
+    from cftune.evaluate.model import evaluate_model
+    from cftune.experiment.config import Experiment
+    from cftune.experiment.evaluation import measure
+
+    config = {"model": str(tiny_model), "cf": {"heldout": 8},
+              "task": {"train_rows": 4, "test_rows": 2},
+              "eval": {"task_limit": 2, "batch_size": 8, "score_dtype": dtype, "task_acc": False,
+                       "plot_y": "task_nll"},
+              "runs": [{"name": "full", "method": "full"}]}
+    (tmp_path / "exp.yaml").write_text(json.dumps(config))
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    base = str(tiny_model)
+    held = stored_in[dtype]
+    row = evaluate_model(base, measure(Experiment(tmp_path / "exp.yaml"), held, test_file),
+                         fingerprint(base))
+    assert_base_kl_is_zero(row["items"]["kl"], dtype)
+    if dtype == "fp32":  # the stored logp_base minus the scorer's, as before the fix
+        alone = kl_to_base(load_model(base, device="cpu"), held, batch_size=8, limit=8)
+        assert row["items"]["kl"] == alone["per_sample"]

@@ -15,7 +15,6 @@ from cftune.evaluate.multiple_choice import (
     last_word_metrics,
     mc_metrics,
     score_items,
-    score_shared,
 )
 from cftune.evaluate.perplexity import perplexity
 from cftune.models import load_model, load_tokenizer
@@ -50,15 +49,19 @@ def test_mc_scoring_equals_by_hand_loglikelihood(tiny):
     assert metrics["acc_norm"] == float(max(range(3), key=normed.__getitem__) == 1)
 
 
-def test_shared_context_scoring_equals_per_pair_scoring(tiny):
+def test_benchmark_items_score_as_one_row_per_pair(tiny):
+    """`score_items` (shared contexts packed) gives each choice the log-likelihood of its own
+    (context, choice) row."""
     model, tok = tiny
     texts = [("Question: a?\nAnswer:", " yes"), ("Question: a?\nAnswer:", " no, never"),
              ("Question: a?\nAnswer:", " n"), ("Short", " continuation of some length"),
              ("x" * 700, " beyond the 512-token limit"), ("x" * 700, " y"), ("Other\n", " z")]
-    requests = [encode_pair(tok, c, k) for c, k in texts]
-    shared = score_shared(model, requests, batch_size=3)
-    flat = score_continuations(model, requests, batch_size=3)
-    for a, b in zip(shared, flat):
+    items = [Item(contexts=[c for c, _ in part], continuations=[k for _, k in part], gold=0,
+                  choices=[k for _, k in part]) for part in (texts[:3], texts[3:])]
+    packed = [s for item in score_items(model, tok, items, batch_size=3) for s in item]
+    flat = score_continuations(model, [encode_pair(tok, c, k) for c, k in texts], batch_size=3,
+                               shared_prefix=False)
+    for a, b in zip(packed, flat, strict=True):
         assert a.token_logprobs.tolist() == pytest.approx(b.token_logprobs.tolist(), abs=1e-5)
         assert a.is_greedy == b.is_greedy
 
@@ -136,27 +139,6 @@ def test_real_model_arc_easy(embedded_model, shared_data):
     shared = [s for item in scored for s in item]
     assert max(abs(a.logprob - b.logprob) for a, b in zip(shared, flat)) < 1e-3
     assert mc_metrics(loaded.items, scored)["acc"] >= 0.5
-
-
-class _WithoutCache(torch.nn.Module):
-    """A model that returns no key/value cache (as recurrent models don't return a DynamicCache)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.config = inner, inner.config
-
-    def forward(self, cache=None, use_cache=None, **kw):
-        out = self.inner(**kw)
-        out.cache = None
-        return out
-
-
-def test_models_without_a_dynamic_cache_fall_back_to_per_pair_scoring(tiny):
-    model, tok = tiny
-    requests = [encode_pair(tok, "Question: a?\nAnswer:", k) for k in (" yes", " no, never", " n")]
-    shared = score_shared(_WithoutCache(model), requests, batch_size=3)
-    flat = score_continuations(model, requests, batch_size=3)
-    assert [s.logprob for s in shared] == pytest.approx([s.logprob for s in flat], abs=1e-5)
 
 
 def test_token_budget_batches_long_requests_few_at_a_time(tiny):

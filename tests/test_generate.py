@@ -13,13 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import cftune.generate as gen_module
+import cftune.generate.stage as gen_module
 from cftune.cli import main as cli_main
 from cftune.errors import CftuneError
-from cftune.generate import GenerateConfig, generate
+from cftune.generate.config import GenerateConfig
+from cftune.generate.sampler import filter_probs, pick
+from cftune.generate.samples import iter_samples, load_samples
+from cftune.generate.sampling import SamplingParams
+from cftune.generate.stage import generate
+from cftune.io import read_manifest
 from cftune.models import load_model, load_tokenizer
-from cftune.sampler import SamplingParams, filter_probs, pick
-from cftune.samples import iter_samples, load_samples, read_manifest
 from cftune.scoring import score_continuations
 
 
@@ -327,7 +330,8 @@ def test_real_embedded_model_samples(embedded_model, tmp_path):
 
 def test_sampler_with_mixed_prefix_lengths_matches_teacher_forcing(tiny_model):
     """Rows refilled with prefixes of other lengths (cache shifted right, grown, cropped)."""
-    from cftune.sampler import ContinuousSampler, Job
+    from cftune.generate.sampler import ContinuousSampler
+    from cftune.generate.sampling import Job
 
     model = load_model(tiny_model, "cpu")
     prefixes = [(256,), (256, *range(40, 75)), (256, 50, 51), (256, *range(80, 90))]
@@ -342,7 +346,7 @@ def test_sampler_with_mixed_prefix_lengths_matches_teacher_forcing(tiny_model):
 
 
 def test_python_api_returns_a_dataset(tiny_model, tmp_path):
-    from cftune.generate import generate_dataset
+    from cftune.generate.stage import generate_dataset
 
     ds = generate_dataset(GenerateConfig(model=str(tiny_model), out=str(tmp_path / "s"),
                                          num_samples=5, max_new_tokens=6, device="cpu"))

@@ -20,7 +20,6 @@ from cftune.evaluate.instructions import (
     RESPONSES,
     Instruction,
     compare_per_prompt,
-    draw_responses,
     instruction_kl,
     instruction_spec,
     read_instructions,
@@ -28,9 +27,10 @@ from cftune.evaluate.instructions import (
     reference_nll,
     summarize_kl,
 )
+from cftune.evaluate.responses import draw_responses
+from cftune.generate.samples import iter_samples
 from cftune.models import fingerprint, load_model, load_tokenizer
 from cftune.prompts import prompt_ids, response_ids
-from cftune.samples import iter_samples
 
 INSTRUCTIONS = [
     {"prompt": "Name a colour.", "reference": "Blue."},

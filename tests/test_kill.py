@@ -39,8 +39,8 @@ from test_run import write_config
 
 from cftune.cli import main
 from cftune.errors import CftuneError
+from cftune.generate.samples import iter_samples
 from cftune.locking import lock_paths
-from cftune.samples import iter_samples
 
 pytestmark = pytest.mark.slow
 SEED = int(os.environ.get("CFTUNE_KILL_SEED") or random.SystemRandom().randrange(1_000_000))
@@ -326,7 +326,7 @@ def test_run_killed_anywhere_resumes_to_the_same_results(tiny_model, tmp_path, r
 
 
 def test_fault_hook_is_inert_unless_its_event_comes(tmp_path, monkeypatch):
-    from cftune.samples import JsonlAppender, atomic_write_text
+    from cftune.io import JsonlAppender, atomic_write_text
 
     monkeypatch.delenv("CFTUNE_FAULT", raising=False)
     atomic_write_text(tmp_path / "a.json", "{}\n")

@@ -97,7 +97,8 @@ def test_tied_embeddings_survive_training_merge_and_reload(tiny_model_tied, tmp_
     LoRA merge and save/load must keep them one tensor, moved once (not twice, not untied)."""
     from test_train import ROWS
 
-    from cftune.train import TrainConfig, train
+    from cftune.train.config import TrainConfig
+    from cftune.train.stage import train
 
     task = tmp_path / "task.jsonl"
     task.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:16]))

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from cftune.errors import CftuneError
-from cftune.evaluate.paired import (
+from cftune.stats import (
     clustered_mean,
     compare_benchmark,
     gold_margin,

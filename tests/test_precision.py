@@ -38,7 +38,8 @@ def test_choice_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch):
 
 
 def test_training_with_auto_records_the_choice(tiny_model, tmp_path, monkeypatch):
-    from cftune.train import TrainConfig, train
+    from cftune.train.config import TrainConfig
+    from cftune.train.stage import train
 
     monkeypatch.setenv("CFTUNE_CACHE", str(tmp_path / "cache"))
     out = train(TrainConfig(model=str(tiny_model), task="builtin:arithmetic", task_rows=8, method="full",
@@ -54,7 +55,7 @@ def test_training_with_auto_records_the_choice(tiny_model, tmp_path, monkeypatch
 @pytest.mark.parametrize("bad", ["bf32", "AUTO"])
 def test_unknown_dtype_is_refused(bad):
     from cftune.errors import CftuneError
-    from cftune.train import TrainConfig
+    from cftune.train.config import TrainConfig
 
     with pytest.raises(CftuneError, match=f"`dtype` = '{bad}' is not one of fp32, bf16, fp16, auto"):
         TrainConfig(model="x", task="builtin:arithmetic", dtype=bad)
@@ -69,8 +70,9 @@ def test_sampling_with_auto_keeps_the_folder_precision(tiny_model, tmp_path, mon
     """`cftune generate --dtype auto` samples in the machine's choice and records it; extending
     the folder on a machine that prefers another precision keeps the first one, so `logp_base`
     and the samples' law never change within one pool."""
-    from cftune.generate import GenerateConfig, generate
-    from cftune.samples import read_manifest
+    from cftune.generate.config import GenerateConfig
+    from cftune.generate.stage import generate
+    from cftune.io import read_manifest
 
     def run(n: int) -> dict:
         generate(GenerateConfig(model=str(tiny_model), out=str(tmp_path / "cf"), num_samples=n,

@@ -9,12 +9,13 @@ import json
 import pytest
 import torch
 
-from cftune import data
 from cftune.evaluate.task_accuracy import answer_nll, encode_prompt, task_accuracy
-from cftune.generate import GenerateConfig, generate
+from cftune.generate.config import GenerateConfig
+from cftune.generate.samples import iter_samples
+from cftune.generate.stage import generate
 from cftune.models import load_model, load_tokenizer
 from cftune.prompts import PromptSpec
-from cftune.samples import iter_samples
+from cftune.train import data
 
 ROWS = [{"question": f"What is {i} plus {i + 2}?", "answer": f"{i}+{i + 2}={2 * i + 2}\n#### {2 * i + 2}"}
         for i in range(3)]

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from cftune import report
+from cftune.results import metrics, plots, report, tables
 
 
 def metric(value, stderr=None, ci95=None, n=100):
@@ -47,9 +47,9 @@ def test_write_report_files(rows, tmp_path):
     assert {p.name for p in paths.values()} == {"results.csv", "results.md", "tradeoff.png"}
     assert paths["png"].stat().st_size > 10_000
     with Image.open(paths["png"]) as img:  # two panels: KL and benchmark average
-        assert img.size == (2 * round(report.FIGSIZE_PER_PANEL * report.DPI),
-                            round(report.FIG_HEIGHT * report.DPI))
-    assert report.to_markdown(rows) in paths["md"].read_text()
+        assert img.size == (2 * round(plots.FIGSIZE_PER_PANEL * plots.DPI),
+                            round(plots.FIG_HEIGHT * plots.DPI))
+    assert tables.to_markdown(rows) in paths["md"].read_text()
 
 
 def test_one_panel_without_benchmarks(rows, tmp_path):
@@ -57,10 +57,10 @@ def test_one_panel_without_benchmarks(rows, tmp_path):
 
     for r in rows:
         r["metrics"].pop("bench_avg", None)
-    path = report.plot_tradeoff(rows, tmp_path / "t.png")
+    path = plots.plot_tradeoff(rows, tmp_path / "t.png")
     with Image.open(path) as img:
-        assert img.size == (round(report.FIGSIZE_PER_PANEL * report.DPI),
-                            round(report.FIG_HEIGHT * report.DPI))
+        assert img.size == (round(plots.FIGSIZE_PER_PANEL * plots.DPI),
+                            round(plots.FIG_HEIGHT * plots.DPI))
 
 
 def test_a_panel_per_forgetting_yardstick(rows, tmp_path):
@@ -71,24 +71,24 @@ def test_a_panel_per_forgetting_yardstick(rows, tmp_path):
     for i, r in enumerate(rows):
         r["metrics"]["instr_kl"] = metric(3.0 * i, 0.5)
         r["metrics"]["paired/instr_ref_nll"] = metric(0.05 * i, 0.02)
-    path = report.plot_tradeoff(rows, tmp_path / "t.png")
+    path = plots.plot_tradeoff(rows, tmp_path / "t.png")
     with Image.open(path) as img:
-        assert img.size[0] == 4 * round(report.FIGSIZE_PER_PANEL * report.DPI)
+        assert img.size[0] == 4 * round(plots.FIGSIZE_PER_PANEL * plots.DPI)
 
 
 def test_plot_task_nll_axis(rows, tmp_path):
     """The y axis can be the reference solutions' NLL (for tasks where accuracy stays near 0)."""
     for r, nll in zip(rows, (0.8, 1.5, 0.9, 1.2, 1.4)):
         r["metrics"]["task_nll"] = metric(nll, 0.02)
-    assert report._point(rows[0], report.KL, report.TASK_NLL) == (18.0, 0.8)
-    assert report._point(rows[1], report.KL, report.TASK_NLL) == (0.0, 1.5)  # the base at KL 0
-    assert report.plot_tradeoff(rows, tmp_path / "t.png", y_name="task_nll").stat().st_size > 10_000
+    assert plots._point(rows[0], metrics.KL, metrics.TASK_NLL) == (18.0, 0.8)
+    assert plots._point(rows[1], metrics.KL, metrics.TASK_NLL) == (0.0, 1.5)  # the base at KL 0
+    assert plots.plot_tradeoff(rows, tmp_path / "t.png", y_name="task_nll").stat().st_size > 10_000
     with pytest.raises(ValueError, match="y_name"):
-        report.plot_tradeoff(rows, tmp_path / "u.png", y_name="accuracy")
+        plots.plot_tradeoff(rows, tmp_path / "u.png", y_name="accuracy")
 
 
 def test_markdown_rows_columns_and_deltas(rows):
-    header, *body = markdown_cells(report.to_markdown(rows))
+    header, *body = markdown_cells(tables.to_markdown(rows))
     body = body[1:]  # the alignment line
     assert header == ["run", "method", "task_acc", "Δ task_acc", "kl", "bench_avg", "Δ bench_avg",
                       "steps", "tokens", "time (s)"]
@@ -101,8 +101,8 @@ def test_markdown_rows_columns_and_deltas(rows):
     assert by_run["full"]["Δ bench_avg"] == "-0.060"
     assert by_run["full"]["kl"] == "18.0 ± 1.5"
     assert by_run["full-wise-0.5"]["task_acc"] == "0.260"  # no stderr: the value alone
-    assert by_run["base"]["Δ task_acc"] == report.MISSING
-    assert by_run["base"]["steps"] == report.MISSING
+    assert by_run["base"]["Δ task_acc"] == metrics.MISSING
+    assert by_run["base"]["steps"] == metrics.MISSING
     assert by_run["full"]["tokens"] == "12,800"
 
 
@@ -110,12 +110,12 @@ def test_missing_metrics_render_as_dash(rows, tmp_path):
     rows.append(run("broken", "kd", {}))
     rows.append(run("half", "lora", {"task_acc": {"value": None, "stderr": None, "ci95": None,
                                                   "n": 0}}))
-    by_run = {line[0]: line for line in markdown_cells(report.to_markdown(rows))}
-    header = markdown_cells(report.to_markdown(rows))[0]
+    by_run = {line[0]: line for line in markdown_cells(tables.to_markdown(rows))}
+    header = markdown_cells(tables.to_markdown(rows))[0]
     cfs = dict(zip(header, by_run["cfs-r1"]))
-    assert cfs["bench_avg"] == cfs["Δ bench_avg"] == report.MISSING
-    assert set(by_run["broken"][2:-3]) == {report.MISSING}
-    assert set(by_run["half"][2:-3]) == {report.MISSING}
+    assert cfs["bench_avg"] == cfs["Δ bench_avg"] == metrics.MISSING
+    assert set(by_run["broken"][2:-3]) == {metrics.MISSING}
+    assert set(by_run["half"][2:-3]) == {metrics.MISSING}
     report.write_report(rows, tmp_path)  # and the plot skips them without crashing
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
 
@@ -128,12 +128,12 @@ def test_no_task_metric_anywhere_still_plots(tmp_path):
 
 def test_without_a_base_there_are_no_delta_columns(rows):
     rows = [r for r in rows if r["method"] != "base"]
-    header = markdown_cells(report.to_markdown(rows))[0]
+    header = markdown_cells(tables.to_markdown(rows))[0]
     assert not any(h.startswith("Δ") for h in header)
 
 
 def test_csv_values_intervals_and_deltas(rows):
-    lines = list(csv.DictReader(io.StringIO(report.to_csv(rows))))
+    lines = list(csv.DictReader(io.StringIO(tables.to_csv(rows))))
     assert lines[0]["run"] == "base"
     full = next(line for line in lines if line["run"] == "full")
     assert float(full["task_acc"]) == 0.62
@@ -147,7 +147,7 @@ def test_csv_values_intervals_and_deltas(rows):
 
 
 def test_print_table(rows, capsys):
-    report.print_table(rows)
+    tables.print_table(rows)
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["run", "method", "task_acc"]
     assert [line.split()[0] for line in out[2:]] == ["base", "full", "cfs-r1", "full-wise-0.5",
@@ -155,8 +155,8 @@ def test_print_table(rows, capsys):
 
 
 def test_wiseft_curve_runs_from_base_through_alphas_to_parent(rows):
-    ordered = report.order_rows(rows)
-    curve = report._wiseft_curves(ordered, {r["run"]: r for r in ordered})["full"]
+    ordered = metrics.order_rows(rows)
+    curve = plots._wiseft_curves(ordered, {r["run"]: r for r in ordered})["full"]
     assert [r["run"] for r in curve] == ["base", "full-wise-0.25", "full-wise-0.5", "full"]
 
 
@@ -170,23 +170,23 @@ def test_wiseft_of_a_seed_replicate_ends_at_it_in_its_methods_colour(rows):
         if r.get("parent") == "full":
             r["parent"] = "full-s0"
     by_name = {r["run"]: r for r in rows}
-    shown = report.plotted_rows(report.order_rows(rows))
+    shown = plots.plotted_rows(metrics.order_rows(rows))
     assert "full-s0" not in {r["run"] for r in shown}
-    curve = report._wiseft_curves(shown, by_name)["full-s0"]
+    curve = plots._wiseft_curves(shown, by_name)["full-s0"]
     assert curve[-1]["run"] == "full-s0"
     colors = {"full": "red", "cfs": "blue"}
-    assert report._color(curve[1], by_name, colors) == "red"
+    assert plots._color(curve[1], by_name, colors) == "red"
 
 
 def test_error_bars_use_ci95_else_stderr(rows):
     full = rows[0]
-    assert report.ci_error(full, "task_acc") == pytest.approx((0.06, 0.06))
-    assert report.ci_error(full, "kl") == pytest.approx((1.96 * 1.5, 1.96 * 1.5))
-    assert report.ci_error(rows[3], "kl") == (0.0, 0.0)
+    assert plots.ci_error(full, "task_acc") == pytest.approx((0.06, 0.06))
+    assert plots.ci_error(full, "kl") == pytest.approx((1.96 * 1.5, 1.96 * 1.5))
+    assert plots.ci_error(rows[3], "kl") == (0.0, 0.0)
 
 
 def test_ablation_plot_numbers_on_a_scale_switches_as_categories(tmp_path):
-    from cftune.ablation import _positions, plot_ablation
+    from cftune.results.ablation import _positions, plot_ablation
 
     assert _positions([0.5, 1.2, 0.8]) == ({0.5: 0.5, 0.8: 0.8, 1.2: 1.2}, True)
     assert _positions([True, False, True]) == ({False: 0.0, True: 1.0}, False)

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cftune import data
 from cftune.cli import main as cli_main
 from cftune.errors import CftuneError
-from cftune.experiment import Experiment
+from cftune.experiment.config import Experiment
+from cftune.experiment.execute import RunConfig, _eta, perform, run
+from cftune.experiment.plan import Stage
+from cftune.io import read_manifest
 from cftune.models import load_tokenizer
-from cftune.run import RunConfig, Stage, _eta, run
-from cftune.samples import read_manifest
+from cftune.train import data
 
 
 def write_config(tmp_path: Path, model: Path, **changes) -> Path:
@@ -203,7 +204,7 @@ def test_extends_takes_the_parents_settings_section_by_section(tiny_model, tmp_p
     child.write_text("extends: exp.yaml\nname: child\neval: {limit: 5}\n"
                      "runs: [{name: full, method: full}]\n")
     exp = Experiment(child)
-    assert exp.name == "child" and [r["name"] for r in exp.runs] == ["full"]
+    assert exp.name == "child" and [r.name for r in exp.runs] == ["full"]
     assert (exp.eval.limit, exp.eval.task_limit, exp.eval.batch_size) == (5, 3, 4)
     assert exp.train_config(exp.runs[0]).learning_rate == 1e-2  # the parent's `train`
     parent.write_text(parent.read_text() + "extends: child.yaml\n")
@@ -222,14 +223,14 @@ def test_every_shipped_config_is_valid(path, monkeypatch):
         pytest.skip("reads ../shared/data, which an end user's checkout does not have")
     monkeypatch.chdir(path.parents[1])
     exp = Experiment(path)
-    assert exp.runs and all(exp.train_config(r) for r in exp.runs if r["method"] != "wise-ft")
+    assert exp.runs and all(exp.train_config(r) for r in exp.runs if r.method != "wise-ft")
 
 
 def test_eta_scales_each_kind_by_its_cost():
     """A train stage twice the size of a finished one takes twice as long; a kind not seen yet
     takes the mean finished stage."""
     def stage(name, cost):
-        return Stage(name, Path("."), lambda: None, lambda: False, cost)
+        return Stage(name, Path("."), name.split()[0], lambda: False, cost)
 
     spent = {"train": [(60.0, 100.0)], "generate": [(180.0, 5000.0)]}
     assert _eta([stage("train big", 200.0), stage("eval base", 1.0)], spent) == " (~4 min left)"
@@ -283,37 +284,42 @@ def test_heldout_set_is_drawn_in_the_scoring_precision(tiny_model, tmp_path):
         rows[1]["metrics"]["kl"]["value"], rel=0.15, abs=0.05)
 
 
-def test_cli_eval_and_runner_agree(tiny_model, tmp_path, capsys):
-    """One precision rule for both (issue 9, item 8): with bf16 decoding asked of each, every
-    log-likelihood metric is still fp32 and identical, and so are the greedy answers."""
+def test_cli_eval_and_runner_share_one_evaluation(tiny_model, tmp_path, capsys):
+    """One evaluation path (issue 30): for the same model and settings, `cftune eval` reports
+    exactly the metrics the runner's evaluation stage stores, under the same names and with the
+    same values; with bf16 decoding asked of both, every log-likelihood metric is still fp32."""
+    bench = tmp_path / "mc.jsonl"
+    bench.write_text("".join(json.dumps({"context": f"Q{i}: pick\nA:", "choices": ["x", "yy", "z"],
+                                         "gold": i % 3}) + "\n" for i in range(6)))
     runs = [{"name": "full", "method": "full"}]
-    ev = {"task_limit": 3, "max_new_tokens": 8, "batch_size": 4, "decode_dtype": "bf16"}
+    ev = {"task_limit": 5, "limit": 5, "bench": [str(bench)], "max_new_tokens": 8,
+          "batch_size": 4, "decode_dtype": "bf16"}
     out = run(RunConfig(experiment=str(write_config(tmp_path, tiny_model, runs=runs, eval=ev)),
                         out=str(tmp_path / "e")))
-    rows = json.loads((out / "results.json").read_text())
     heldout = next((out / "cf").glob("cf-heldout-*"))
     model = next((out / "runs").glob("full-*"))
     test_file = next((out / "data").glob("*/test.jsonl"))
+    stage = json.loads(next((out / "evals").glob("full-*")).joinpath("result.json").read_text())
     assert cli_main(["eval", "--base", str(tiny_model), "--model", str(model), "--kl-samples",
-                     str(heldout), "--task", str(test_file), "--limit", "3", "--task-prompt",
-                     "chat", "--max-new-tokens", "8", "--decode-dtype", "bf16", "--no-cache", "--out",
-                     str(tmp_path / "ev")]) == 0
-    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
-    raw = ev["raw"][str(model)]
-    kl = next(r for r in raw if r["kind"] == "kl")
-    nll = next(r for r in raw if r["kind"] == "task_nll")
-    acc = next(r for r in raw if r["kind"] == "task")
-    assert kl["value"] == pytest.approx(rows[1]["metrics"]["kl"]["value"], abs=1e-6)
-    assert nll["value"] == pytest.approx(rows[1]["metrics"]["task_nll"]["value"], abs=1e-6)
-    assert acc["acc"] == rows[1]["metrics"]["task_acc"]["value"]
+                     str(heldout), "--task", str(test_file), "--bench", str(bench), "--limit", "5",
+                     "--task-prompt", "chat", "--max-new-tokens", "8", "--batch-size", "4",
+                     "--decode-dtype", "bf16", "--no-cache", "--out", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    cli = {e["metric"]: e for e in report["results"] if e["model"] == str(model)}
+    assert sorted(cli) == sorted(stage["metrics"])  # the same names
+    assert set(cli) >= {"task_acc", "task_nll", "kl", "kl_per_token", "bench/mc", "bench_avg"}
+    for name, metric in stage["metrics"].items():
+        assert (cli[name]["value"], cli[name]["n"]) == (metric["value"], metric["n"]), name
+    assert stage["metrics"]["task_nll"]["n"] == 4 and stage["metrics"]["bench/mc"]["n"] == 5
 
 
 def test_contextual_answers_are_posed_as_training_and_as_long_as_eval(tiny_model, tmp_path):
     """The contextual baseline answers the training prompt as training poses it, up to the
     evaluation's answer length by default (issue 9, item 3)."""
-    from cftune.experiment import Experiment
-    from cftune.run import Runner
-    from cftune.samples import iter_samples, read_manifest
+    from cftune.experiment.config import Experiment
+    from cftune.experiment.plan import Runner
+    from cftune.generate.samples import iter_samples
+    from cftune.io import read_manifest
 
     ev = {"task_limit": 3, "max_new_tokens": 11, "batch_size": 4}
     path = write_config(tmp_path, tiny_model, eval=ev,
@@ -321,7 +327,7 @@ def test_contextual_answers_are_posed_as_training_and_as_long_as_eval(tiny_model
     runner = Runner(Experiment(path, tmp_path / "e"), [])
     for stage in runner.stages:
         if stage.name == "data" or stage.name.startswith("generate contextual"):
-            stage.work()
+            perform(stage, runner)
     manifest = read_manifest(runner.contextual[0])
     assert manifest["sampling"]["max_new_tokens"] == 11
     assert manifest["task_prompt_format"] == "chat"
@@ -338,8 +344,8 @@ def test_seeds_replicate_runs_and_the_report_pairs_them(tiny_model, tmp_path, ca
     """`seeds: [0, 1]` trains every run once per seed (other data order, other CF draw) on one
     evaluation set; group rows average the seeds with a t interval; `eval.compare` pairs two
     groups item by item; `cftune report` re-renders the same files from results.json."""
-    from cftune.evaluate.paired import t_quantile
-    from cftune.samples import read_manifest
+    from cftune.io import read_manifest
+    from cftune.stats import t_quantile
 
     ev = {"task_limit": 3, "max_new_tokens": 8, "batch_size": 4, "compare": [["full", "cfs"]]}
     path = write_config(tmp_path, tiny_model, seeds=[0, 1], eval=ev, runs=[
@@ -473,7 +479,7 @@ def test_a_committed_experiment_reports_without_its_weights(tiny_model, tmp_path
 def test_report_refuses_kls_scored_on_different_sample_sets(tmp_path):
     """Responses drawn again on another machine may differ: the report names the runs scored on
     each set instead of comparing KLs over different samples (a digest-less old result passes)."""
-    from cftune.run import _same_samples
+    from cftune.experiment.results import _same_samples
 
     def row(run: str, kl: str | None, instr: str | None) -> dict:
         return {"run": run, "metrics": {"kl": {"samples_digest": kl},

@@ -108,7 +108,7 @@ def test_bad_specs_are_one_line_errors():
 def test_base_model_scores_low(embedded_model, tmp_path):
     """The demo needs headroom: the base model rarely solves these problems (greedy, 0-shot),
     scored by the eval stage's own metric."""
-    from cftune.evaluate import task_accuracy
+    import cftune.evaluate.task_accuracy as task_accuracy
     from cftune.models import load_model, load_tokenizer
 
     path = export_task(SPEC, tmp_path / "test.jsonl", "test", 30, seed=0)

@@ -14,12 +14,15 @@ import torch.nn.functional as F
 from test_data import make_cf_folder
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from cftune import data
 from cftune.cli import main
 from cftune.config import from_dict
 from cftune.errors import CftuneError
 from cftune.models import load_model, load_tokenizer
-from cftune.train import TrainConfig, build_data, train, trainer_class, training_arguments
+from cftune.train import batches, data
+from cftune.train.config import TrainConfig
+from cftune.train.stage import train, training_arguments
+from cftune.train.streams import build_data
+from cftune.train.trainer import CftuneTrainer
 
 ROWS = [{"question": f"What is {i} plus {i + 3}?", "answer": f"{i}+{i + 3}={2 * i + 3}\n#### {2 * i + 3}"}
         for i in range(48)]
@@ -112,8 +115,8 @@ def _trainer(files, tmp_path, **kw):
     tok = load_tokenizer(cfg.model)
     ds, _ = build_data(cfg, tok)
     model = load_model(cfg.model, device="cpu")
-    collator = data.Collator(tok.pad_token_id, kd=cfg.spec.kd)
-    trainer = trainer_class()(model=model, args=training_arguments(cfg, tmp_path / "t", cfg.dtype),
+    collator = batches.Collator(tok.pad_token_id, kd=cfg.spec.kd)
+    trainer = CftuneTrainer(model=model, args=training_arguments(cfg, tmp_path / "t", cfg.dtype),
                               train_dataset=ds, data_collator=collator, cftune=cfg,
                               log_path=tmp_path / "log.jsonl")
     return trainer, model, ds, collator
@@ -237,7 +240,7 @@ def test_chunked_loss_trains_as_the_full_logits_do(files, tmp_path, method):
 
 def test_chunked_loss_default_follows_the_device(files, tmp_path):
     """Unset: on for CPUs, off for GPUs (measured slower there); a set value is kept."""
-    from cftune.train import chunked_loss
+    from cftune.train.config import chunked_loss
 
     unset = config(files, tmp_path)
     assert chunked_loss(unset, torch.device("cpu")) is True
@@ -365,8 +368,10 @@ def test_cfs_forgets_less_than_full_fine_tuning_on_the_real_model(embedded_model
     lower, while its held-out task loss still falls well below the base's."""
     import time
 
-    from cftune.generate import GenerateConfig, generate
-    from cftune.samples import iter_samples, read_manifest
+    from cftune.generate.config import GenerateConfig
+    from cftune.generate.samples import iter_samples
+    from cftune.generate.stage import generate
+    from cftune.io import read_manifest
     from cftune.tasks import resolve_task
 
     e = EFFECT
@@ -440,7 +445,8 @@ def test_cfs_forgets_less_than_full_fine_tuning_on_the_real_model(embedded_model
 
 def test_reused_cf_samples_are_warned_about_loudly(capsys):
     from cftune import data
-    from cftune.train import TrainConfig, warn_if_cf_repeats
+    from cftune.train.config import TrainConfig
+    from cftune.train.streams import warn_if_cf_repeats
 
     config = TrainConfig(task="builtin:arithmetic", cfs="builtin:arithmetic", method="cfs",
                          max_steps=10, batch_size=8, cfs_ratio=1.0)
@@ -483,9 +489,7 @@ def test_every_method_sees_the_same_task_examples_per_step(files, tmp_path):
     seen: dict[str, list[int]] = {}
 
     def counting(name: str):
-        base = trainer_class()
-
-        class Counting(base):
+        class Counting(CftuneTrainer):
             def compute_loss(self, model, inputs, *a, **kw):
                 seen.setdefault(name, []).append(int((inputs["source"] == data.TASK).sum()))
                 return super().compute_loss(model, inputs, *a, **kw)

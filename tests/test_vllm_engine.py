@@ -10,12 +10,14 @@ import fake_vllm
 import pytest
 
 from cftune.errors import CftuneError
-from cftune.generate import GenerateConfig, auto_engine, generate
+from cftune.generate.config import GenerateConfig, auto_engine
+from cftune.generate.samples import iter_samples
+from cftune.generate.sampling import sample_seed
+from cftune.generate.stage import generate
+from cftune.generate.vllm_engine import release_engine
+from cftune.io import read_manifest
 from cftune.models import load_model, load_tokenizer
-from cftune.sampler import sample_seed
-from cftune.samples import iter_samples, read_manifest
 from cftune.scoring import score_continuations
-from cftune.vllm_sampler import release_engine
 
 
 @pytest.fixture

@@ -18,10 +18,12 @@ import pytest
 import torch
 from test_generate import dies_in_block
 
-import cftune.generate as gen_module
-from cftune.generate import GenerateConfig, generate
+import cftune.generate.stage as gen_module
+from cftune.generate.config import GenerateConfig
+from cftune.generate.samples import iter_samples
+from cftune.generate.stage import generate
+from cftune.io import read_manifest
 from cftune.models import load_model, local_path
-from cftune.samples import iter_samples, read_manifest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
@@ -152,7 +154,7 @@ def test_greedy_task_answers_are_the_torch_models(model_dir, tmp_path):
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
                                  stop_strings=list(STOP), tokenizer=tok)
-        reference.append(cut_at_stop(tok.decode(out[0, len(ids):], skip_special_tokens=True)))
+        reference.append(cut_at_stop(tok.decode(out[0, len(ids):], skip_special_tokens=True), STOP))
     engine, decode = decoder("vllm", model, str(model_dir), tok, 32, "fp32")
     vllm_run = task_accuracy(model, tok, task, max_new_tokens=32, decode=decode)
     assert engine == "vllm" and [e["output"] for e in vllm_run["examples"]] == \

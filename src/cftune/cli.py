@@ -1,6 +1,7 @@
 """The `cftune` command: a thin layer that parses flags/YAML into a stage config and calls the library.
 
-Each subcommand is one entry of `COMMANDS`: (module, config class, entry function, summary). The
+Each subcommand is one entry of `COMMANDS`: (config module and class, entry module and function,
+summary). The
 flags come from the config dataclass, so the CLI, YAML files and the Python API share one set of
 names. User mistakes (`CftuneError`) print as one line and exit with status 2.
 """
@@ -18,19 +19,20 @@ from cftune import __version__
 from cftune.config import add_arguments, from_args
 from cftune.errors import CftuneError, did_you_mean
 
-# name -> (module, config class, function taking the config, one-line summary)
-COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "generate": ("cftune.generate", "GenerateConfig", "generate",
+# name -> (config module, config class, module of the function taking it, function, summary).
+# The parser reads only the light config modules; a command's own module loads when it runs.
+COMMANDS: dict[str, tuple[str, str, str, str, str]] = {
+    "generate": ("cftune.generate.config", "GenerateConfig", "cftune.generate.stage", "generate",
                  "sample context-free text from a base model, with its log-probs"),
-    "train": ("cftune.train", "TrainConfig", "train",
+    "train": ("cftune.train.config", "TrainConfig", "cftune.train.stage", "train",
               "fine-tune on a task while staying close to the base (CFS and baselines)"),
-    "merge": ("cftune.merge", "MergeConfig", "merge",
+    "merge": ("cftune.merge", "MergeConfig", "cftune.merge", "merge",
               "Wise-FT: interpolate base and fine-tuned weights (or a LoRA adapter)"),
-    "eval": ("cftune.evaluate", "EvalConfig", "evaluate",
+    "eval": ("cftune.evaluate.stage", "EvalConfig", "cftune.evaluate.stage", "evaluate",
              "compare models with their base: KL, zero-shot benchmarks, task accuracy"),
-    "run": ("cftune.run", "RunConfig", "run",
+    "run": ("cftune.experiment.execute", "RunConfig", "cftune.experiment.execute", "run",
             "one experiment config -> every stage, a results table and a trade-off plot"),
-    "report": ("cftune.report", "ReportConfig", "report",
+    "report": ("cftune.results.report", "ReportConfig", "cftune.results.report", "report",
                "re-render an experiment's tables and plot from its stored results"),
 }
 
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.commands = {}  # name -> its subparser (whose flags a "did you mean" picks from)
     parser.add_argument("--version", action="version", version=f"cftune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, cls_name, _, summary) in COMMANDS.items():
+    for name, (module, cls_name, _, _, summary) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=summary)  # a _Parser too
         parser.commands[name] = p
         cls = getattr(importlib.import_module(module), cls_name)
@@ -76,11 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    module, cls_name, fn_name, _ = COMMANDS[args.command]
-    mod = importlib.import_module(module)
+    module, cls_name, fn_module, fn_name, _ = COMMANDS[args.command]
     try:
-        config = from_args(getattr(mod, cls_name), args)
-        getattr(mod, fn_name)(config)
+        config = from_args(getattr(importlib.import_module(module), cls_name), args)
+        getattr(importlib.import_module(fn_module), fn_name)(config)
     except CftuneError as e:
         print(f"cftune {args.command}: error: {e}", file=sys.stderr)
         return 2

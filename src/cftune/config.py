@@ -1,7 +1,7 @@
 """Typed stage configs shared by the CLI and YAML files.
 
 Each stage has one dataclass whose fields carry the defaults and help strings; CLI flags and YAML
-keys are both derived from it, so a setting has exactly one name everywhere (STYLE.md §4).
+keys are both derived from it, so a setting has exactly one name everywhere.
 """
 
 from __future__ import annotations

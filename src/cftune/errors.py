@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 class CftuneError(Exception):
     """A mistake the user can fix: the message names the file/line/key, the value, what is
-    allowed and what to do (STYLE.md §6). Internal invariants use `assert` instead."""
+    allowed and what to do. Internal invariants use `assert` instead."""
 
 
 def did_you_mean(value: object, allowed: Iterable[str]) -> str:

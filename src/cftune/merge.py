@@ -20,9 +20,9 @@ import torch
 
 from cftune.config import field, to_dict
 from cftune.errors import CftuneError
+from cftune.io import MANIFEST, atomic_write_json
 from cftune.locking import output_locked
 from cftune.models import load_model, load_tokenizer, local_path, resolve
-from cftune.samples import MANIFEST, atomic_write_json
 
 
 @dataclass

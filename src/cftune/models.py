@@ -25,6 +25,8 @@ import torch
 from cftune.errors import CftuneError
 
 DTYPES = ("fp32", "bf16", "fp16")
+AUTO = "auto"  # a dtype or engine setting left to the machine (cftune.precision, auto_engine)
+ENGINES = (AUTO, "torch", "vllm")  # what runs a model for generation and greedy decoding
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # Any one of these makes a folder's tokenizer loadable by transformers.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

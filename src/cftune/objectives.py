@@ -2,7 +2,7 @@
 
 Every token-level loss returns `(summed loss, token count)` rather than a mean: the trainer
 divides by the token count of the whole optimizer step (all gradient-accumulation micro-batches,
-all processes), so accumulating 4 micro-batches of 2 is exactly one batch of 8 (STYLE.md §3).
+all processes), so accumulating 4 micro-batches of 2 is exactly one batch of 8.
 
 Shapes: logits [B, T, V]; labels [B, T] with -100 where there is no target; the prediction for
 labels[:, t] is read at logits[:, t-1] (causal LM shift). Only target positions are gathered
@@ -111,3 +111,13 @@ def flow_weights(losses: torch.Tensor, temperature: float = 0.0) -> torch.Tensor
     tau = max(tau, 1e-6)
     w = torch.exp(-(losses - losses.min()) / tau)
     return (w / w.mean()).float()
+
+
+def eq1(task_sum: torch.Tensor, cf_sum: torch.Tensor, n_task: torch.Tensor, n_cf: torch.Tensor,
+        mode: str, lam: float) -> torch.Tensor:
+    """Eq. 1 from the two streams' summed token losses and their target-token counts over the
+    optimizer step: `mix` is one mean over every target token (the CF samples are more rows of
+    data), `weighted` the task mean + λ × the CF mean (λ weighs the KL term by itself)."""
+    if mode == "mix":
+        return (task_sum + cf_sum) / (n_task + n_cf).clamp_min(1)
+    return task_sum / n_task.clamp_min(1) + lam * cf_sum / n_cf.clamp_min(1)

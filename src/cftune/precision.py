@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-AUTO = "auto"
+from cftune.models import AUTO
+
 CACHE_FILE = "precision.json"
 SHAPE = (512, 2048, 2048)  # tokens × hidden → hidden: a layer's matmul, ~4 GFLOP a product
 
@@ -63,8 +64,8 @@ def measure_cpu() -> dict[str, Any]:
 def cpu_choice(cache: Path | None = None) -> dict[str, Any]:
     """This machine's measured choice, from the cache (`$CFTUNE_CACHE/precision.json`) or a
     fresh measurement written there."""
+    from cftune.io import atomic_write_json
     from cftune.models import cache_dir
-    from cftune.samples import atomic_write_json
 
     path = cache or cache_dir() / CACHE_FILE
     key = machine_key()

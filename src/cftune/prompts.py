@@ -148,3 +148,10 @@ def response_ids(tokenizer, response: str, spec: PromptSpec) -> list[int]:
 def document_ids(tokenizer, text: str, doc_start: str | None = None) -> list[int]:
     """A generic document (replay corpus, `text` rows) as pretraining saw it: start token + text."""
     return doc_start_ids(tokenizer, doc_start) + _text_ids(tokenizer, text)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to its first stop string (a generated answer, without the next question it
+    starts): one rule for every decoding engine, so their answers compare."""
+    cuts = [text.index(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else text

@@ -3,6 +3,18 @@
 This is lm-evaluation-harness's `loglikelihood` primitive, shared by every stage that needs it:
 checking the stored `logp_base` of CF samples, the KL estimate, multiple-choice benchmarks,
 perplexity and FLOW's per-example weights.
+
+Requests that share a context (a multiple-choice item's choices, an instruction's responses) are
+scored with the context computed once, not once per continuation (issue 32). A packed row holds
+the context, then each continuation's tokens but the last; short contexts with their
+continuations sit side by side in one row. Its attention mask lets a context token see the
+earlier tokens of its context, and a continuation token those of its context and of its own
+continuation; position ids restart at each context and, for each continuation, where the context
+ends. Every token then attends to exactly the keys, at exactly the positions, it has in a row of
+its own pair, so the log-probs are those of one row per pair up to float rounding (at most 6e-5
+nats on SmolLM2-135M and Gemma-3-270m in fp32; tests/test_shared_prefix.py). This takes one
+forward pass, where reusing the context's key/value cache takes two and a copy of the cache per
+continuation, and Gemma-3's sliding-window layers get their window from the position ids.
 """
 
 from __future__ import annotations
@@ -14,6 +26,18 @@ import torch
 from tqdm.auto import tqdm
 
 from cftune.models import autocast
+
+# Model types whose forward takes a prepared 4D attention mask and position ids as they are, and
+# whether it takes one mask per layer type ({"full_attention", "sliding_attention"}: Gemma-3) or
+# one for all layers (Llama). Other models score one row per pair: packing is exact only where
+# the forward honours both, which needs checking per model type (ALiBi models derive positions
+# from the padding mask). Add a type together with its case in tests/test_shared_prefix.py.
+PACKED_MASKS = {"llama": False, "gemma3_text": True}
+ATTENTION = ("sdpa", "eager")  # the implementations that read an arbitrary boolean/additive mask
+READ_BYTES = 64 * 2**20  # float64 log-probs per call of the output layer (SmolLM2: 170 positions)
+# Width of packed rows holding several shares: every query of a packed row scores all its keys
+# (masked or not), 256 of them: ~8% of SmolLM2's matrix products per token.
+PACK_WIDTH = 256
 
 
 @dataclass
@@ -29,6 +53,20 @@ class Scored:
         return float(self.token_logprobs.sum())
 
 
+@dataclass
+class _Row:
+    """One row of a batch: its input ids and, per request it scores, the row indices whose
+    outputs predict that request's continuation tokens."""
+
+    ids: list[int]
+    reads: list[tuple[int, list[int]]]
+    # Packed rows only, per token: its position id, its segment (a context or a continuation,
+    # numbered within the row), and the one other segment it may see (its context).
+    positions: list[int] | None = None
+    segments: list[int] | None = None
+    sees: list[int] | None = None
+
+
 @torch.no_grad()
 def score_continuations(
     model,
@@ -39,22 +77,27 @@ def score_continuations(
     pad_id: int = 0,
     desc: str | None = None,
     max_batch_tokens: int | None = None,
+    shared_prefix: bool = True,
 ) -> list[Scored]:
-    """Score `(context_ids, continuation_ids)` pairs with one forward pass per batch.
+    """Score `(context_ids, continuation_ids)` pairs, a batch of rows per forward pass.
 
-    Requests are sorted by length (longest first) so batches carry little padding and an
+    Rows are sorted by length (longest first) so batches carry little padding and an
     out-of-memory error shows up on the first batch. A batch holds at most `batch_size` rows and
     `max_batch_tokens` padded tokens (default: `batch_size` × 256), so a few very long requests
     are scored a few at a time: 32 rows padded to one 1,600-token instruction took 165 s where
     the other 144 rows of the set took 50. Contexts are cut from the left when
     context + continuation exceeds `max_length` (the model's limit by default); the context must
     hold at least one token, since the first continuation token needs something to condition on.
-    Where `cftune.head_loss` supports the model's output layer, logits are computed only at each
-    row's continuation positions (never the batch's whole [rows × width × vocabulary] logits).
+    With `shared_prefix` (and a model in `PACKED_MASKS`), requests whose cut contexts are equal
+    are scored from one copy of it in a packed row (`_pack`; `batch_size` then counts packed
+    rows) where `_shares` judges that cheaper; the others, and every request with
+    `shared_prefix=False` (one row per pair, as before issue 32), get a row each. Where
+    `cftune.head_loss` supports the model's output layer, logits are computed only at the
+    positions that predict continuation tokens (never the batch's whole [rows × width ×
+    vocabulary] logits), for a chunk of requests at a time.
     """
-    from cftune.head_loss import head_of, hidden_states
+    from cftune.head_loss import head_of
 
-    device = next(model.parameters()).device
     head = head_of(model)
     if max_length is None:
         max_length = getattr(model.config, "max_position_embeddings", None) or 1 << 30
@@ -64,42 +107,221 @@ def score_continuations(
         ids = list(ctx) + list(cont)
         ids = ids[-(max_length + 1):]  # inputs are ids[:-1]: at most max_length positions
         prepared.append((ids, len(cont)))
-    order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
     budget = max_batch_tokens or batch_size * 256
+    mask_types = _packed_layer_types(model) if shared_prefix else None
+    packed = _pack(prepared, budget, _attention_span(model.config)) if mask_types else []
+    in_packed = {i for row in packed for i, _ in row.reads}
+    single = [_Row(ids[:-1], [(i, list(range(len(ids) - 1 - n, len(ids) - 1)))])
+              for i, (ids, n) in enumerate(prepared) if i not in in_packed]
     results: list[Scored | None] = [None] * len(prepared)
-    bar = tqdm(total=len(order), desc=desc or "scoring", unit="seq", disable=desc is None)
-    for idx in token_batches([len(prepared[i][0]) - 1 for i in order], batch_size, budget):
-        idx = [order[k] for k in idx]
-        width = max(len(prepared[i][0]) for i in idx) - 1
-        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids = prepared[i][0][:-1]
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        batch = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
-        with autocast(device, dtype):
-            if head is None:
-                logits = model(**batch).logits
-            else:
-                hidden, _ = hidden_states(model, head, **batch)
-        for row, i in enumerate(idx):
-            ids, n_cont = prepared[i]
-            n_in = len(ids) - 1
-            positions = slice(n_in - n_cont, n_in)
-            if head is None:
-                row_logits = logits[row, positions]
-            else:
-                with autocast(device, dtype):
-                    row_logits = head.logits(hidden[row, positions])
-            logp = torch.log_softmax(row_logits.double(), dim=-1)
-            target = torch.tensor(ids[-n_cont:], device=logp.device)
-            token_lp = logp.gather(-1, target[:, None])[:, 0].cpu()
-            greedy = bool((logp.argmax(-1) == target).all())
-            results[i] = Scored(token_lp, greedy)
-        bar.update(len(idx))
+    bar = tqdm(total=len(prepared), desc=desc or "scoring", unit="seq", disable=desc is None)
+    kinds = sorted([(single, None), (packed, mask_types)],  # the widest row's batch first
+                   key=lambda kind: -max((len(row.ids) for row in kind[0]), default=0))
+    for rows, types in kinds:
+        order = sorted(range(len(rows)), key=lambda r: -len(rows[r].ids))
+        for idx in token_batches([len(rows[r].ids) for r in order], batch_size, budget):
+            batch = [rows[order[k]] for k in idx]
+            _score_batch(model, head, batch, prepared, results, dtype, pad_id, types)
+            bar.update(sum(len(row.reads) for row in batch))
     bar.close()
     return results  # type: ignore[return-value]
+
+
+def _score_batch(model, head, rows: list[_Row], prepared, results, dtype: str, pad_id: int,
+                 mask_types: tuple[str, ...] | None) -> None:
+    """One forward pass over `rows`; writes the `Scored` of every request they read."""
+    from cftune.head_loss import hidden_states
+
+    device = next(model.parameters()).device
+    if mask_types is None:
+        batch = _padded(rows, pad_id)
+    else:
+        batch = _packed(rows, pad_id, model.config, mask_types, next(model.parameters()).dtype)
+    batch = {k: ({t: m.to(device) for t, m in v.items()} if isinstance(v, dict) else
+                 v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    with autocast(device, dtype):
+        if head is None:
+            out = model(**batch).logits
+        else:
+            out, _ = hidden_states(model, head, **batch)
+    reads = [(r, i, positions) for r, row in enumerate(rows) for i, positions in row.reads]
+    if head is None:
+        for r, i, positions in reads:
+            results[i] = _scored(torch.log_softmax(out[r, positions].double(), -1), prepared[i])
+        return
+    # The output layer once per chunk of requests, not once per request: its weight (SmolLM2:
+    # 49k × 576, 113 MB) is read per call, which costs as much as ~5 positions' products.
+    per_chunk = max(1, READ_BYTES // (8 * head.weight.shape[0]))
+    start = 0
+    while start < len(reads):
+        end, n = start + 1, len(reads[start][2])
+        while end < len(reads) and n + len(reads[end][2]) <= per_chunk:
+            n += len(reads[end][2])
+            end += 1
+        chunk = reads[start:end]
+        with autocast(device, dtype):
+            logits = head.logits(torch.cat([out[r, positions] for r, _, positions in chunk]))
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        for (_, i, _), part in zip(chunk, logp.split([len(p) for _, _, p in chunk])):
+            results[i] = _scored(part, prepared[i])
+        start = end
+
+
+def _scored(logp: torch.Tensor, request: tuple[list[int], int]) -> Scored:
+    """The `Scored` of a request from the log-probs [continuation length, vocabulary] that
+    predict its continuation tokens."""
+    ids, n_cont = request
+    target = torch.tensor(ids[-n_cont:], device=logp.device)
+    token_lp = logp.gather(-1, target[:, None])[:, 0].cpu()
+    return Scored(token_lp, bool((logp.argmax(-1) == target).all()))
+
+
+def _padded(rows: list[_Row], pad_id: int) -> dict:
+    """Inputs of one row per pair: right-padded ids and a 2D padding mask."""
+    width = max(len(row.ids) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        input_ids[r, : len(row.ids)] = torch.tensor(row.ids)
+        mask[r, : len(row.ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def _packed(rows: list[_Row], pad_id: int, config, mask_types: tuple[str, ...],
+            weight_dtype: torch.dtype) -> dict:
+    """Inputs of packed rows: ids, position ids, and the [rows, 1, width, width] mask in which a
+    query at index q sees key k ≤ q of its own segment or of the context it continues; sliding
+    layers further need position(q) − position(k) < window, as transformers' sliding mask
+    (`kv_idx > q_idx - sliding_window`) demands of the same tokens in a row of their own."""
+    width = max(len(row.ids) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
+    sees = torch.full((len(rows), width), -2, dtype=torch.long)
+    for r, row in enumerate(rows):
+        for t, values in ((input_ids, row.ids), (positions, row.positions),
+                          (segments, row.segments), (sees, row.sees)):
+            t[r, : len(row.ids)] = torch.tensor(values)
+    index = torch.arange(width)
+    key = segments[:, None, :]
+    # Padding (segment -1) sees the padding before it: no softmax row is empty.
+    visible = (index[None, None, :] <= index[None, :, None]) & \
+        ((key == segments[:, :, None]) | (key == sees[:, :, None]))
+    masks = {"full_attention": visible}
+    if "sliding_attention" in mask_types:
+        distance = positions[:, :, None] - positions[:, None, :]
+        masks["sliding_attention"] = visible & (distance < config.sliding_window)
+    if config._attn_implementation == "eager":  # additive, as transformers' `eager_mask`
+        zero = torch.zeros((), dtype=weight_dtype)
+        masks = {t: torch.where(m, zero, torch.finfo(weight_dtype).min) for t, m in masks.items()}
+    masks = {t: m[:, None] for t, m in masks.items()}
+    mask = masks if PACKED_MASKS[config.model_type] else masks["full_attention"]
+    return {"input_ids": input_ids, "position_ids": positions, "attention_mask": mask,
+            "use_cache": False}
+
+
+def _packed_layer_types(model) -> tuple[str, ...] | None:
+    """The layer types whose masks a packed row needs, or None where packing would not be exact
+    (see `PACKED_MASKS`)."""
+    config = getattr(model, "config", None)
+    if (config is None or getattr(config, "model_type", None) not in PACKED_MASKS
+            or getattr(config, "_attn_implementation", None) not in ATTENTION
+            or getattr(config, "use_bidirectional_attention", False)):
+        return None
+    types = tuple(sorted(set(getattr(config, "layer_types", None) or ["full_attention"])))
+    if not set(types) <= {"full_attention", "sliding_attention"}:
+        return None
+    if "sliding_attention" in types and not getattr(config, "sliding_window", None):
+        return None
+    return types
+
+
+def _attention_span(config) -> float:
+    """Keys per query at which attention costs a token as much as its layer's matrix products:
+    (attention and MLP weights of one layer, 2 FLOPs each) / (4 × heads × head size: QKᵀ and AV).
+    About 3,000 for SmolLM2-135M and Gemma-3-270m."""
+    d, ff = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    weights = d * head_dim * (2 * heads + 2 * kv) + 3 * d * ff
+    return 2 * weights / (4 * heads * head_dim)
+
+
+def _pack(prepared: list[tuple[list[int], int]], budget: int, span: float) -> list[_Row]:
+    """Packed rows of the requests that share their (cut) context with another, where sharing
+    pays (`_shares`). Shares narrower than PACK_WIDTH are laid side by side in rows of that width
+    (first fit, widest first), so rows are not padded to the widest of their batch: PIQA's
+    shares, 20 to 150 tokens wide, padded one per row to 16-row batches, were 2x their tokens."""
+    bins: list[list] = []  # [capacity, width, shares]
+    for share in sorted(_shares(prepared, budget, span), key=lambda s: -_width(s)):
+        fit = next((b for b in bins if b[1] + _width(share) <= b[0]), None)
+        if fit is None:
+            fit = [max(_width(share), min(PACK_WIDTH, budget)), 0, []]
+            bins.append(fit)
+        fit[1] += _width(share)
+        fit[2].append(share)
+    return [_row(shares) for _, _, shares in bins]
+
+
+def _width(share: tuple[list[int], list[tuple[int, list[int]]]]) -> int:
+    context, conts = share
+    return len(context) + sum(len(own) for _, own in conts)
+
+
+def _row(shares: list[tuple[list[int], list[tuple[int, list[int]]]]]) -> _Row:
+    """One packed row: each share's context, then its continuations' own tokens, positions
+    restarting after the context; the context's last output predicts every first token."""
+    row = _Row([], [], [], [], [])
+    n_segments = 0
+    for context, conts in shares:
+        start, context_segment = len(row.ids), n_segments
+        row.ids += context
+        row.positions += range(len(context))
+        row.segments += [context_segment] * len(context)
+        row.sees += [context_segment] * len(context)
+        for i, own in conts:
+            n_segments += 1
+            row.reads.append((i, [start + len(context) - 1, *range(len(row.ids), len(row.ids) + len(own))]))
+            row.ids += own
+            row.positions += range(len(context), len(context) + len(own))
+            row.segments += [n_segments] * len(own)
+            row.sees += [context_segment] * len(own)
+        n_segments += 1
+    return row
+
+
+def _shares(prepared: list[tuple[list[int], int]], budget: int,
+            span: float) -> list[tuple[list[int], list[tuple[int, list[int]]]]]:
+    """(context, [(request, its continuation but the last token)]) for the requests whose (cut)
+    contexts are equal, where sharing pays: attention over a packed row is dense (each query
+    scores every key, masked or not, where a row of its own skips the future), so a continuation
+    joins its context's share only when the share's added cost, width × (1 + width / span), is
+    below that of a row of its own, width × (1 + width / 2·span). A 1-token context (context-free
+    samples) shares nothing worth that; an item's choices share all. Shares stay within `budget`
+    tokens; a share left with one continuation is dropped (that request gets a row of its own)."""
+
+    def cost(width: int, dense: bool) -> float:
+        return width * (1 + width / (span if dense else 2 * span))
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ids, n_cont) in enumerate(prepared):
+        if len(ids) > n_cont:  # a context token is left after the cut
+            groups.setdefault(tuple(ids[:-n_cont]), []).append(i)
+    shares: list[tuple[list[int], list[tuple[int, list[int]]]]] = []
+    for context, members in groups.items():
+        if len(members) < 2:
+            continue
+        first = len(shares)
+        for i in members:
+            ids, n_cont = prepared[i]
+            own = ids[-n_cont:-1]  # the last token is only ever a target
+            width = _width(shares[-1]) if len(shares) > first else 0
+            if not width or width + len(own) > budget or \
+                    cost(width + len(own), True) - cost(width, True) >= cost(len(ids) - 1, False):
+                shares.append((list(context), []))
+            shares[-1][1].append((i, own))
+    return [share for share in shares if len(share[1]) > 1]
 
 
 def token_batches(widths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:

@@ -1,7 +1,7 @@
 """The benchmark registry: a benchmark is a reader (file format), a prompt template and a metric.
 
 Adding a benchmark is one `Benchmark(...)` entry in `REGISTRY` (lm-evaluation-harness's idea of a
-short declarative task spec, STYLE.md): the reader turns each JSONL line into a `Doc` (named text
+short declarative task spec): the reader turns each JSONL line into a `Doc` (named text
 fields, the answer choices, the gold index), the template formats the fields into the context,
 and the scorer scores `target_delimiter + choice` after it. Templates follow lm-evaluation-harness
 0.4 task YAMLs, so numbers are comparable; docs/eval.md lists them.
@@ -280,7 +280,8 @@ def custom(name: str, path: str | Path, template: str | None = None,
     """The spec of a benchmark file of your own: its shape detected from the first record, the
     shape's default template unless `template` is given, and `metric` (the primary metric: acc,
     or acc_norm for multiple choice; default acc, or lm-eval's choice when `name` is a task in
-    `PRIMARY_METRICS`). Fails fast, with a one-line error, on a missing or empty file."""
+    `PRIMARY_METRICS`). Fails fast, with a one-line error, on a missing or empty file or an
+    invalid item (`read_docs`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CftuneError(f"benchmark '{name}': file {path} not found")
@@ -288,10 +289,12 @@ def custom(name: str, path: str | Path, template: str | None = None,
     if first is None:
         raise CftuneError(f"{path}: empty benchmark (no records)")
     reader = detect_shape(first[1], f"{path} line {first[0]}")
-    return Benchmark(name, str(path), reader, template or DEFAULT_TEMPLATES[reader],
-                     metric="last_word" if reader == "context_continuation" else "mc",
-                     partial=reader in ("partial", "winogrande"),
-                     primary=metric or PRIMARY_METRICS.get(name, "acc"))
+    bench = Benchmark(name, str(path), reader, template or DEFAULT_TEMPLATES[reader],
+                      metric="last_word" if reader == "context_continuation" else "mc",
+                      partial=reader in ("partial", "winogrande"),
+                      primary=metric or PRIMARY_METRICS.get(name, "acc"))
+    read_docs(bench, path)  # every item checked now, before a model is loaded or a stage runs
+    return bench
 
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -378,10 +381,37 @@ def _iter_records(path: Path):
             yield lineno, rec
 
 
+# The field that holds the answer choices in each multiple-choice shape, for error messages.
+CHOICE_FIELDS = {"cftune": "choices", "llmfoundry_mc": "choices", "medagents": "options",
+                 "partial": "context_options", "winogrande": "option1/option2"}
+
+
+def check_choices(bench: Benchmark, doc: Doc) -> None:
+    """Refuse an item that cannot tell models apart (issue 32, item 4): with one choice it is
+    always scored right, and repeated choices score alike, so the tie goes silently to the first
+    (as lm-eval's argmax). Registry files are scored as lm-eval ships them (llm-foundry's
+    ARC-Easy and ARC-Challenge repeat a choice in 7 and 4 items), so only files of your own are
+    checked."""
+    key = CHOICE_FIELDS.get(bench.reader, "choices")
+    if len(doc.choices) < 2:
+        raise CftuneError(f"{doc.where}: `{key}` holds one choice, which is always scored right; "
+                          "give at least two choices or remove the item")
+    first: dict[str, int] = {}
+    for i, choice in enumerate(doc.choices):
+        if choice in first:
+            raise CftuneError(f"{doc.where}: `{key}` repeats {choice!r:.40} (choices {first[choice]} "
+                              f"and {i}), so they always tie and the first wins; make the choices "
+                              "distinct or remove the item")
+        first[choice] = i
+
+
 def read_docs(bench: Benchmark, path: Path) -> list[Doc]:
     """Every doc of a benchmark file, each validated (errors name the file and line)."""
     reader = READERS[bench.reader]
     docs = [reader(rec, f"{path} line {lineno}", bench) for lineno, rec in _iter_records(path)]
+    if bench.metric == "mc" and REGISTRY.get(bench.name) != bench:  # a file of your own
+        for doc in docs:
+            check_choices(bench, doc)
     if not docs:
         raise CftuneError(f"{path}: empty benchmark (no records)")
     return docs

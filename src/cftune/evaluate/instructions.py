@@ -1,4 +1,5 @@
 """Instruction yardsticks: forgetting of what an instruct model is for (issue 10, item 2).
+The base's responses they are scored on are drawn by `cftune.evaluate.responses`.
 
 Two numbers on held-out human-written instructions, posed with the base's chat template (lm-eval's
 "qa" prompt, "Question: …\\nAnswer:", for a tokenizer without one), through
@@ -31,10 +32,10 @@ from pathlib import Path
 
 from cftune.errors import CftuneError
 from cftune.evaluate.kl import heldout_records, kl_to_base, mean_interval
-from cftune.evaluate.paired import clustered_mean, paired_mean_difference
+from cftune.io import BOM, iter_jsonl
 from cftune.prompts import PromptSpec, prompt_ids, response_ids
-from cftune.samples import BOM, atomic_write_text, iter_jsonl, read_manifest
 from cftune.scoring import score_continuations
+from cftune.stats import clustered_mean, paired_mean_difference
 
 PROMPTS_FILE = "instructions.jsonl"  # the instructions read, one {prompt, reference} per line
 RESPONSES = "responses"  # the base's responses: a `cftune generate` folder
@@ -132,63 +133,6 @@ def instruction_spec(tokenizer, doc_start: str | None = None) -> PromptSpec:
     qa prompt ("Question: {prompt}\\nAnswer:" after the document start token)."""
     return PromptSpec("chat" if getattr(tokenizer, "chat_template", None) else "qa",
                       doc_start=doc_start)
-
-
-# ---------------------------------------------------------------- the base's responses (once)
-
-
-def responses_key(base_fingerprint: str, instructions: str | Path, settings: dict) -> str:
-    """Folder name of a base's responses: base weights + instruction file content + settings."""
-    content = hashlib.sha256(Path(instructions).read_bytes()).hexdigest()
-    blob = json.dumps([base_fingerprint, content, settings], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def draw_responses(base: str, instructions: str | Path, samples_per_prompt: int = 2,
-                   max_new_tokens: int = 128, out: str | Path | None = None,
-                   limit: int | None = None, offset: int = 0, prompt_field: str = "prompt",
-                   reference_field: str = "reference", seed: int = 0, batch_size: int = 16,
-                   dtype: str = "fp32", device: str = "auto", doc_start: str | None = None,
-                   base_fingerprint: str | None = None) -> Path:
-    """Draw the base's T=1 responses (k = `samples_per_prompt` per instruction, at most
-    `max_new_tokens` each) with `cftune generate`; return the folder, which holds
-    `instructions.jsonl` (the P instructions read) and `responses/` (sample i answers
-    instruction i mod P; `logp_base` in `dtype`). `out` defaults to a folder under
-    `cache_dir()/instructions` keyed by the base's fingerprint, the file's content and every
-    setting, so the responses are drawn once however many models are scored; a finished folder
-    is returned as it is, an unfinished one resumes."""
-    from cftune.generate import GenerateConfig, generate
-    from cftune.models import cache_dir, fingerprint, load_tokenizer, resolve_device
-
-    if samples_per_prompt <= 0 or max_new_tokens <= 0:
-        raise CftuneError(f"instruction samples ({samples_per_prompt}) and max_new_tokens "
-                          f"({max_new_tokens}) must be > 0")
-    rows = read_instructions(instructions, prompt_field, reference_field, limit, offset)
-    spec = instruction_spec(load_tokenizer(base), doc_start)
-    settings = {"limit": limit, "offset": offset, "fields": [prompt_field, reference_field],
-                "samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens,
-                "seed": seed, "prompt": dataclasses.asdict(spec), "dtype": dtype,
-                "device": resolve_device(device).type}
-    if out is None:
-        fp = base_fingerprint or fingerprint(base)
-        out = cache_dir() / "instructions" / responses_key(fp, instructions, settings)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in rows)
-    prompts = out / PROMPTS_FILE
-    if prompts.is_file() and prompts.read_text() != text:
-        raise CftuneError(f"{out} holds responses to other instructions; use another folder")
-    if not prompts.is_file():
-        atomic_write_text(prompts, text)
-    wanted = len(rows) * samples_per_prompt
-    if (out / RESPONSES / "manifest.json").is_file() and \
-            read_manifest(out / RESPONSES)["counts"]["samples"] == wanted:
-        return out  # drawn before (a batch size or device name change needs no redraw)
-    generate(GenerateConfig(
-        model=base, out=str(out / RESPONSES), num_samples=wanted, max_new_tokens=max_new_tokens,
-        seed=seed, task_prompts=str(prompts), prompt_field="prompt", prompt_format=spec.format,
-        doc_start=doc_start, batch_size=batch_size, dtype=dtype, device=device))
-    return out
 
 
 def read_prompts(folder: str | Path) -> list[Instruction]:

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cftune.errors import CftuneError
-from cftune.samples import iter_samples, read_manifest
+from cftune.generate.samples import iter_samples
+from cftune.io import read_manifest
 from cftune.scoring import score_continuations
 
 UNBIASED_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
@@ -128,14 +129,19 @@ def score_samples(model, samples_folder: str | Path, limit: int | None = None,
 
 
 def needs_reference(samples_folder: str | Path, dtype: str) -> bool:
-    """Whether scoring in `dtype` needs the base re-scored: `logp_base` is in another precision."""
-    return logp_dtype(read_manifest(samples_folder)) != dtype
+    """Whether the KL in `dtype` needs the base re-scored by the model's own scorer: always but
+    for fp32 scoring of fp32 `logp_base`. In fp32 the sampler's incremental (cached) passes and
+    the scorer's full forward pass agree to ~1e-5 nats per sample; in bf16 or fp16 they round
+    differently even when stored in `dtype` (issue 32, item 5: KL(base ‖ base) = 0.073 nats
+    per sample for SmolLM2 with bf16 `logp_base` scored in bf16)."""
+    return dtype != "fp32" or logp_dtype(read_manifest(samples_folder)) != "fp32"
 
 
 def base_reference(base: str, samples_folder: str | Path, dtype: str, limit: int | None = None,
                    batch_size: int = 8, device: str = "auto") -> list[float] | None:
-    """The base's log-probs of the samples in `dtype`, the KL's `reference` when `logp_base` was
-    stored in another precision; None (nothing loaded) when the stored values are in `dtype`."""
+    """The base's log-probs of the samples in `dtype`, by the scorer (and the `batch_size`) the
+    model is scored with: the KL's `reference` where `needs_reference`, else None (nothing
+    loaded: the stored fp32 `logp_base` serves)."""
     if not needs_reference(samples_folder, dtype):
         return None
     from cftune.models import load_model
@@ -153,12 +159,17 @@ def kl_to_base(model, samples_folder: str | Path, batch_size: int = 8, dtype: st
     `per_sample` (each sample's log-ratio) and `samples_digest` (what was scored).
 
     Give `base_fingerprint` / `tokenizer` (the base's) to check the samples came from them.
-    `reference`: the base's log-probs of the same samples in the precision the model is scored
-    in, used instead of the stored `logp_base` when the two precisions differ (a bf16 model
-    against fp32 `logp_base` carries a rounding offset, +0.13 nats per sample for SmolLM2); the
-    stored-minus-reference gap is then reported as `reference_residual`, a diagnostic that is
-    never subtracted. For the base itself the result is the recomputation error, ~1e-5 nats per
-    sample in fp32 (it is not forced to 0, so a wrong sample set shows up).
+    `reference`: the base's log-probs of the same samples by the same scorer in the same
+    precision as the model (`base_reference`), used instead of the stored `logp_base` whenever
+    scoring is not fp32 or `logp_base` is not (`needs_reference`: a bf16 model against fp32
+    `logp_base` carries a rounding offset, +0.13 nats per sample for SmolLM2, and bf16
+    `logp_base` from the sampler's cached passes another, 0.073). Not given where it is needed,
+    it is computed here from the model the manifest names (the one `logp_base` is of), with
+    this `batch_size` on the model's device: every caller, the runner's evaluations included,
+    gets it (issue 32, item 5). The stored-minus-reference gap is then reported as
+    `reference_residual`, a diagnostic that is never subtracted. For the base itself the result
+    is then exactly 0, and in fp32 without a reference the recomputation error, ~1e-5 nats per
+    sample (not forced to 0, so a wrong sample set shows up).
     """
     manifest = read_manifest(samples_folder)
     check_manifest(samples_folder, manifest, base_fingerprint, tokenizer, force)
@@ -166,6 +177,13 @@ def kl_to_base(model, samples_folder: str | Path, batch_size: int = 8, dtype: st
     if len(records) < 2:
         raise CftuneError(f"{samples_folder}: {len(records)} usable sample(s); the KL estimate "
                           "needs at least 2 (more for a useful error bar)")
+    if reference is None and needs_reference(samples_folder, dtype):
+        if not manifest.get("model"):
+            raise CftuneError(f"{Path(samples_folder) / 'manifest.json'}: names no `model` to "
+                              f"re-score `logp_base` with, which the KL in {dtype} needs; score "
+                              "in fp32 or draw the samples again with `cftune generate`")
+        reference = base_reference(manifest["model"], samples_folder, dtype, limit, batch_size,
+                                   next(model.parameters()).device.type)
     if reference is not None and len(reference) != len(records):
         raise CftuneError(f"{samples_folder}: {len(reference)} reference log-probs for "
                           f"{len(records)} samples")

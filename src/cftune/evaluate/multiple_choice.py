@@ -1,10 +1,10 @@
 """Multiple-choice scoring by log-likelihood, the way lm-evaluation-harness does it, but faster.
 
-lm-eval runs one forward pass per (context, choice) pair. Here each distinct context is run once
-(left-padded, batched, longest first) and its key/value cache is copied to the rows of its
-choices, which then run only their own tokens: ARC's 4 choices cost one context pass instead of
-four, and BoolQ's one-token "no"/"yes" need no second pass at all. The numbers are those of
-`cftune.scoring.score_continuations` up to float rounding (tested).
+lm-eval runs one forward pass per (context, choice) pair. Here an item's choices share their
+context: `cftune.scoring.score_continuations` packs the context once with every choice after it
+in one row (a mask lets each choice see the context and itself only), so ARC's 4 choices cost
+one context instead of four. The numbers are those of one row per pair up to float rounding
+(tested to 1e-4 nats).
 
 Tokenisation follows lm-eval's `_encode_pair`: trailing spaces of the context move to the
 continuation, the pair is encoded whole and the continuation is what follows the encoded context.
@@ -14,16 +14,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from pathlib import Path
-
-import torch
-from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from cftune.errors import CftuneError
 from cftune.evaluate.benchmarks import REGISTRY, Benchmark, Item, load
-from cftune.models import autocast
 from cftune.scoring import Scored, score_continuations
 
 
@@ -44,101 +38,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, cont
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
-def _choices_pass(model, cache, ctx_mask, rows, device, dtype, pad_id) -> torch.Tensor:
-    """Logits of every continuation's own tokens (all but the last), each row reading its
-    context's keys/values from a copy of the context pass's cache."""
-    width = max(len(cont) for _, cont in rows) - 1
-    sel = torch.tensor([g for g, _ in rows])
-    cache.batch_select_indices(sel.to(device))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, (_, cont) in enumerate(rows):
-        ids[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-        mask[r, : len(cont) - 1] = 1
-    positions = ctx_mask.sum(-1)[sel][:, None] + torch.arange(width)[None, :]
-    with autocast(device, dtype):
-        return model(input_ids=ids.to(device),
-                     attention_mask=torch.cat([ctx_mask[sel], mask], dim=1).to(device),
-                     position_ids=positions.to(device), cache=cache).logits
-
-
-def _score_group_batch(model, groups, device, dtype, pad_id) -> list[list[Scored]]:
-    """One context pass + at most one choices pass for a batch of (context, [continuations])."""
-    ctx_ids, ctx_mask = _left_pad([ctx for ctx, _ in groups], pad_id)
-    pos = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
-    with autocast(device, dtype):
-        out = model(input_ids=ctx_ids.to(device), attention_mask=ctx_mask.to(device),
-                    position_ids=pos.to(device), use_cache=True, logits_to_keep=1)
-    first = torch.log_softmax(out.logits[:, -1].double(), dim=-1)  # predicts continuation token 0
-    rows = [(g, cont) for g, (_, conts) in enumerate(groups) for cont in conts]
-    multi_token = any(len(cont) > 1 for _, cont in rows)
-    if multi_token and not isinstance(out.cache, DynamicCache):  # e.g. recurrent models
-        flat = iter(score_continuations(model, [(ctx, c) for ctx, conts in groups for c in conts],
-                                        len(rows), dtype, pad_id=pad_id))
-        return [[next(flat) for _ in conts] for _, conts in groups]
-    later = _choices_pass(model, out.cache, ctx_mask, rows, device, dtype, pad_id) if multi_token else None
-    results: list[list[Scored]] = [[] for _ in groups]
-    for r, (g, cont) in enumerate(rows):
-        logp = first[g][None]
-        if len(cont) > 1:
-            logp = torch.cat([logp, torch.log_softmax(later[r, : len(cont) - 1].double(), -1)])
-        target = torch.tensor(cont, device=logp.device)
-        token_lp = logp.gather(-1, target[:, None])[:, 0].cpu()
-        results[g].append(Scored(token_lp, bool((logp.argmax(-1) == target).all())))
-    return results
-
-
-@torch.no_grad()
-def score_shared(
-    model,
-    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-    batch_size: int = 16,
-    dtype: str = "fp32",
-    pad_id: int = 0,
-    desc: str | None = None,
-) -> list[Scored]:
-    """`score_continuations` with one forward pass per distinct context.
-
-    `batch_size` counts continuation rows per forward. Contexts are cut from the left to fit the
-    model's maximum length. Models whose cache is not a transformers `DynamicCache` fall back to
-    one pass per pair (`score_continuations`).
-    """
-    device = next(model.parameters()).device
-    max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (ctx, cont) in enumerate(requests):
-        assert len(ctx) >= 1 and len(cont) >= 1, "need a non-empty context and continuation"
-        keep = max(1, max_len + 1 - len(cont))  # inputs are ctx + cont[:-1]
-        groups.setdefault(tuple(ctx[-keep:]), []).append(i)
-    keys = sorted(groups, key=lambda k: -(len(k) + max(len(requests[i][1]) for i in groups[k])))
-    results: list[Scored | None] = [None] * len(requests)
-    bar = tqdm(total=len(requests), desc=desc or "scoring", unit="choice", disable=desc is None)
-    start = 0
-    while start < len(keys):
-        end, rows = start, 0
-        while end < len(keys) and (end == start or rows + len(groups[keys[end]]) <= batch_size):
-            rows += len(groups[keys[end]])
-            end += 1
-        batch = [(list(k), [list(requests[i][1]) for i in groups[k]]) for k in keys[start:end]]
-        for k, scored in zip(keys[start:end], _score_group_batch(model, batch, device, dtype, pad_id)):
-            for i, s in zip(groups[k], scored):
-                results[i] = s
-        bar.update(rows)
-        start = end
-    bar.close()
-    return results  # type: ignore[return-value]
-
-
 def binomial_stderr(p: float, n: int) -> float:
     """sqrt(p(1-p)/(n-1)): lm-eval's `mean_stderr` of 0/1 outcomes."""
     return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
@@ -153,7 +52,7 @@ def score_items(model, tokenizer, items: list[Item], batch_size: int = 16, dtype
             requests.append(encode_pair(tokenizer, ctx, cont))
             owner.append(n)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scored = score_shared(model, requests, batch_size, dtype, pad_id, desc)
+    scored = score_continuations(model, requests, batch_size, dtype, pad_id=pad_id, desc=desc)
     per_item: list[list[Scored]] = [[] for _ in items]
     for n, s in zip(owner, scored):
         per_item[n].append(s)

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from cftune.errors import CftuneError
-from cftune.samples import iter_jsonl
+from cftune.io import iter_jsonl
 from cftune.scoring import score_continuations
 
 

@@ -14,29 +14,8 @@ from pathlib import Path
 
 from cftune import __version__
 from cftune.evaluate.kl import Z95
-from cftune.samples import atomic_write_json, atomic_write_text
-
-
-def rows_of(kind: str, name: str, result: dict) -> list[tuple[str, float, float | None, bool]]:
-    """The reported (metric, value, stderr, higher_is_better) rows of one raw result."""
-    if kind == "kl":
-        return [("kl", result["value"], result["stderr"], False),
-                ("kl_per_token", result["per_token"]["value"], result["per_token"]["stderr"], False)]
-    if kind == "task":
-        return [(f"{name}/acc", result["acc"], result["acc_stderr"], True)]
-    if kind == "task_nll":
-        return [(f"{name}/answer_nll", result["value"], result["stderr"], False)]
-    if kind in ("instr_kl", "instr_ref_nll"):  # instructions.instruction_kl / reference_nll
-        return [(kind, result["value"], result["stderr"], False)]
-    if kind == "perplexity":
-        return [(f"{name}/perplexity", result["perplexity"], None, False),
-                (f"{name}/bits_per_byte", result["bits_per_byte"], None, False)]
-    rows = [(f"{name}/acc", result["acc"], result["acc_stderr"], True)]
-    if "acc_norm" in result:
-        rows.append((f"{name}/acc_norm", result["acc_norm"], result["acc_norm_stderr"], True))
-    if "perplexity" in result:
-        rows.append((f"{name}/perplexity", result["perplexity"], None, False))
-    return rows
+from cftune.io import atomic_write_json, atomic_write_text
+from cftune.results.metrics import higher_is_better
 
 
 def _interval(value: float, se: float | None) -> list[float] | None:
@@ -45,22 +24,22 @@ def _interval(value: float, se: float | None) -> list[float] | None:
     return [value - Z95 * se, value + Z95 * se]
 
 
-def build_entries(results: dict[str, list[tuple[str, str, dict]]], base: str) -> list[dict]:
-    """eval.json entries: one per (model, metric), with the delta to the base's value."""
-    base_rows = {m: (v, se) for kind, name, r in results.get(base, [])
-                 for m, v, se, _ in rows_of(kind, name, r)}
+def build_entries(results: dict[str, dict[str, dict]], base: str) -> list[dict]:
+    """eval.json entries: one per (model, metric) of each model's report metrics (the runner's
+    names, `cftune.results.metrics`), with the difference to the base's value."""
     entries = []
-    for model, raw in results.items():
-        for kind, name, r in raw:
-            for metric, value, se, higher in rows_of(kind, name, r):
-                entry = {"model": model, "metric": metric, "value": value, "stderr": se,
-                         "ci95": _interval(value, se), "n": r.get("n"),
-                         "higher_is_better": higher, "compared_to": base}
-                if model != base and metric in base_rows:
-                    bv, bse = base_rows[metric]
-                    dse = math.hypot(se, bse) if se is not None and bse is not None else None
-                    entry.update(delta=value - bv, delta_ci95=_interval(value - bv, dse))
-                entries.append(entry)
+    for model, metrics in results.items():
+        for name, m in metrics.items():
+            value, se = m["value"], m["stderr"]
+            entry = {"model": model, "metric": name, "value": value, "stderr": se,
+                     "ci95": m["ci95"], "n": m["n"], "higher_is_better": higher_is_better(name),
+                     "compared_to": base}
+            b = results.get(base, {}).get(name)
+            if model != base and b is not None and value is not None:
+                dse = math.hypot(se, b["stderr"]) if None not in (se, b["stderr"]) else None
+                entry.update(delta=value - b["value"],
+                             delta_ci95=_interval(value - b["value"], dse))
+            entries.append(entry)
     return entries
 
 
@@ -121,7 +100,7 @@ def write(out: Path, entries: list[dict], models: list[dict], base: str, config:
           raw: dict, paired: dict | None = None, comparisons: list | None = None) -> str:
     """Write eval.json and eval.md under `out` (with the paired comparisons against the base and
     between `--compare` models); return the text table."""
-    from cftune.report import comparisons_markdown, paired_markdown
+    from cftune.results.tables import comparisons_markdown, paired_markdown
 
     out.mkdir(parents=True, exist_ok=True)
     rows = table(entries, [m["spec"] for m in models], base)

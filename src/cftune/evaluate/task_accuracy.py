@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from cftune.errors import CftuneError
 from cftune.evaluate.kl import mean_interval
 from cftune.evaluate.multiple_choice import binomial_stderr
-from cftune.models import autocast
-from cftune.prompts import FORMATS, PromptSpec, prompt_ids, response_ids
-from cftune.samples import iter_jsonl
+from cftune.io import iter_jsonl
+from cftune.models import ENGINES, autocast
+from cftune.prompts import FORMATS, PromptSpec, cut_at_stop, prompt_ids, response_ids
 from cftune.scoring import score_continuations
 
 PROMPTS = FORMATS
@@ -97,15 +97,6 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def cut_at_stop(text: str, stop: Sequence[str] = STOP) -> str:
-    """`text` up to its first stop string (the answer, without the next question)."""
-    cuts = [text.index(s) for s in stop if s in text]
-    return text[: min(cuts)] if cuts else text
-
-
-DECODE_ENGINES = ("auto", "torch", "vllm")
-
-
 def decoder(engine: str, model, model_spec: str, tokenizer, max_new_tokens: int, dtype: str
             ) -> tuple[str, Callable[[list[list[int]]], list[str]] | None]:
     """(engine, decode) for `task_accuracy`: cftune's torch loop (decode None) or vLLM.
@@ -114,11 +105,11 @@ def decoder(engine: str, model, model_spec: str, tokenizer, max_new_tokens: int,
     a whole model (vLLM does not load a LoRA adapter folder by itself). With vLLM the torch model
     leaves the GPU to it; the texts are cut at the same stop strings, so both engines score the
     same answers up to float rounding at near-ties."""
-    from cftune.generate import auto_engine
+    from cftune.generate.config import auto_engine
     from cftune.models import local_path
 
-    if engine not in DECODE_ENGINES:
-        raise CftuneError(f"decode engine '{engine}' is not one of {', '.join(DECODE_ENGINES)}")
+    if engine not in ENGINES:
+        raise CftuneError(f"decode engine '{engine}' is not one of {', '.join(ENGINES)}")
     device = next(model.parameters()).device
     adapter = (Path(str(model_spec)) / "adapter_config.json").is_file()
     if engine == "auto":
@@ -129,7 +120,7 @@ def decoder(engine: str, model, model_spec: str, tokenizer, max_new_tokens: int,
         raise CftuneError(f"{model_spec} is a LoRA adapter, which vLLM does not decode by itself: "
                           f"merge it first (`cftune merge --finetuned {model_spec} --alpha 1 "
                           f"--out FOLDER`) or decode with the torch engine")
-    from cftune.vllm_sampler import greedy_texts
+    from cftune.generate.vllm_engine import greedy_texts
 
     stop_ids = _eos_ids(model, tokenizer)
     model.to("cpu")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cftune.errors import CftuneError
-from cftune.samples import atomic_write_text
+from cftune.io import atomic_write_text
 from cftune.tasks import arithmetic
 
 PREFIX = "builtin:"

@@ -25,7 +25,8 @@ import functools
 from collections.abc import Iterable, Iterator, Sequence
 
 from cftune.errors import CftuneError
-from cftune.sampler import Drawn, Job, SamplingParams, sample_seed
+from cftune.generate.sampling import Drawn, Job, SamplingParams, sample_seed
+from cftune.prompts import cut_at_stop
 
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 GUARANTEES = {
@@ -119,8 +120,6 @@ def greedy_texts(model_path: str, tokenizer, prompts: list[list[int]], max_new_t
     vLLM stops at a stop string or token; the text is then decoded from the token ids with the
     tokenizer and cut at the first stop string, as the torch loop does, so the two engines give
     the same answers wherever their argmax agrees."""
-    from cftune.evaluate.task_accuracy import cut_at_stop
-
     vllm = load_vllm()
     params = vllm.SamplingParams(
         n=1, temperature=0.0, top_p=1.0, top_k=-1, min_p=0.0, max_tokens=max_new_tokens,

@@ -30,15 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cftune import precision
 from cftune.config import field, from_dict, load_yaml
 from cftune.errors import CftuneError, did_you_mean
-from cftune.evaluate.task_accuracy import DECODE_ENGINES
-from cftune.generate import GenerateConfig
-from cftune.models import DEFAULT_MODEL, DTYPES
+from cftune.evaluate.measure import Scoring
+from cftune.generate.config import GenerateConfig
+from cftune.models import DEFAULT_MODEL
 from cftune.prompts import PromptSpec
-from cftune.report import TASK_AXES
-from cftune.train import TrainConfig, cf_draws
+from cftune.results.metrics import TASK_AXES
+from cftune.train.config import TrainConfig, cf_draws
 
 WISE_FT = "wise-ft"
 CF_METHODS = ("cfs", "kd")  # methods that consume the CF training pool
@@ -47,6 +46,18 @@ RUN_KEYS = ("name", "method", "of", "alphas", "sweep", "seeds", "cf")
 CF_SWEEP = "cf."  # `sweep: {cf.temperature: [...]}` sweeps a setting of the run's CF pool
 RUNNER_SET_CF = ("model", "out", "num_samples")  # cf settings the runner sets
 PROMPTS = ("chat", "qa")  # task prompt formats (cftune.prompts), the same in every stage
+
+
+def check_counts(section: str, spec: Any, minimums: dict[str, int]) -> None:
+    """Refuse a count or limit below its minimum, every one in one line (issue 32, item 4): the
+    stages slice with them (`rows[: n or None]`), so `-5` would quietly mean "all but the last
+    5" rather than an error. None (where a field allows it) means "all" and passes."""
+    problems = [f"{section}.{f.name} must be >= {minimums[f.name]} (got {value}): "
+                f"{f.metadata['help']}"
+                for f in dataclasses.fields(spec) if f.name in minimums
+                and (value := getattr(spec, f.name)) is not None and value < minimums[f.name]]
+    if problems:
+        raise CftuneError("; ".join(problems))
 
 
 @dataclass
@@ -69,6 +80,11 @@ class TaskSpec:
     def __post_init__(self) -> None:
         if self.prompt not in PROMPTS:
             raise CftuneError(f"task.prompt '{self.prompt}' is not one of {', '.join(PROMPTS)}")
+        check_counts("task", self, {"train_rows": 0, "test_rows": 0})
+        for split in ("train", "test"):  # 0 means "every row" of a file only: a builtin has no end
+            if getattr(self, split).startswith("builtin:") and not getattr(self, f"{split}_rows"):
+                raise CftuneError(f"task.{split}_rows must be >= 1 for {getattr(self, split)} "
+                                  f"(got 0): the rows it generates")
 
     @property
     def prompt_spec(self) -> PromptSpec:
@@ -84,9 +100,12 @@ class ReplaySpec:
     join: str = field(" ", "separator between the joined fields")
     rows: int = field(0, "first N rows (0 = all)")
 
+    def __post_init__(self) -> None:
+        check_counts("replay", self, {"rows": 0})
+
 
 @dataclass
-class EvalSpec:
+class EvalSpec(Scoring):
     """What every model is measured on."""
 
     bench: list[Any] = field([], "zero-shot benchmarks: registry names, NAME=PATH, or "
@@ -98,14 +117,6 @@ class EvalSpec:
     task_acc: bool = field(True, "greedy exact-match accuracy (false: task gain from the answer "
                            "NLL alone; decoding is the slowest metric)")
     max_new_tokens: int = field(96, "generated tokens per task answer")
-    batch_size: int = field(16, "sequences per forward pass")
-    score_dtype: str = field("fp32", "precision of every log-likelihood metric (KL, benchmarks, "
-                             "answer NLL); not fp32: the base is re-scored in it for the KL")
-    decode_dtype: str = field("fp32", "precision of greedy task decoding: fp32 | bf16 | fp16 | "
-                              "auto (the machine's faster, cftune.precision); not fp32 flips "
-                              "near-ties, so the default keeps task accuracy machine-independent")
-    decode_engine: str = field("auto", "greedy task decoding by torch | vllm | auto (vLLM on one "
-                               "GPU where it is installed, for whole models; torch elsewhere)")
     data_dir: str | None = field(None, "folder holding benchmark files (default: auto)")
     instructions: str | None = field(None, "held-out instructions (JSONL with prompt/reference, "
                                      "or the self-instruct seed format) for instr_kl and "
@@ -121,18 +132,13 @@ class EvalSpec:
                         "(the reference solutions' NLL, for tasks where accuracy stays near 0)")
 
     def __post_init__(self) -> None:
-        if self.score_dtype not in DTYPES:
-            raise CftuneError(f"eval.score_dtype '{self.score_dtype}' is not one of "
-                              f"{', '.join(DTYPES)}")
-        if self.decode_dtype not in (*DTYPES, precision.AUTO):
-            raise CftuneError(f"eval.decode_dtype '{self.decode_dtype}' is not one of "
-                              f"{', '.join(DTYPES)}, {precision.AUTO}")
-        for key in ("offset", "instruction_offset"):
-            if getattr(self, key) < 0:
-                raise CftuneError(f"eval.{key} must be >= 0 (got {getattr(self, key)})")
-        if self.decode_engine not in DECODE_ENGINES:
-            raise CftuneError(f"eval.decode_engine '{self.decode_engine}' is not one of "
-                              f"{', '.join(DECODE_ENGINES)}")
+        problems = self.scoring_problems("eval.")
+        if problems:
+            raise CftuneError("; ".join(problems))
+        check_counts("eval", self, {
+            "limit": 1, "offset": 0, "task_limit": 1, "max_new_tokens": 1, "batch_size": 1,
+            "instruction_limit": 1, "instruction_offset": 0, "instruction_samples": 1,
+            "instruction_max_new_tokens": 1})
         if self.plot_y not in TASK_AXES:
             raise CftuneError(f"eval.plot_y '{self.plot_y}' is not one of {', '.join(TASK_AXES)}")
         if self.plot_y == "task_acc" and not self.task_acc:
@@ -146,6 +152,30 @@ class ContextualSpec:
 
     max_new_tokens: int | None = field(None, "longest answer (default: eval.max_new_tokens, so "
                                        "answers are as long as the evaluation lets the model be)")
+
+    def __post_init__(self) -> None:
+        check_counts("contextual", self, {"max_new_tokens": 1})
+
+
+@dataclass
+class Run:
+    """One run of the experiment at one seed: a training run (`settings` for `TrainConfig`, its
+    CF pool's own `cf` settings) or a Wise-FT merge of run `of` with the base at `alpha`. `group`
+    is the name without the seed tag: what the report averages over seeds."""
+
+    name: str
+    method: str
+    group: str
+    seed: int
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    cf: dict[str, Any] = dataclasses.field(default_factory=dict)
+    of: str | None = None
+    alpha: float | None = None
+
+    @property
+    def pool(self) -> tuple[tuple[str, Any], ...]:
+        """Which CF pool the run trains on: its own `cf` settings (empty: the config's pool)."""
+        return tuple(sorted(self.cf.items()))
 
 
 def with_parent(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -175,6 +205,40 @@ def stage_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def _integer(path: Path, key: str, value: Any, help_: str, minimum: int | None = None
+             ) -> int:
+    """A plain integer setting outside the stage dataclasses (`seed`, `cf.heldout`), refused
+    in one line when it is not an integer or is below `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or (
+            minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise CftuneError(f"{path}: {key} must be an integer{bound} (got {value!r}): "
+                          f"{help_}")
+    return value
+
+def _seeds(path: Path, value: Any) -> list[int]:
+    """`seeds: [0, 1, 2]` replicates every run (task order, CF draw, LoRA init) on the same
+    evaluation sets; the default is the single `seed`."""
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise CftuneError(f"{path}: `seeds` must be a non-empty list of integers "
+                          f"(got {value!r})")
+    if len(set(value)) != len(value):
+        raise CftuneError(f"{path}: `seeds` repeats a seed ({value})")
+    return list(value)
+
+def _check_train_keys(values: dict[str, Any], where: str) -> None:
+    """Training settings must be TrainConfig's, less those the runner sets itself."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CftuneError(f"{where}: unknown setting(s) {', '.join(unknown)}"
+                          f"{did_you_mean(unknown[0], known)}")
+    for runner_set in ("model", "task", "out", "cfs"):
+        if runner_set in values:
+            raise CftuneError(f"{where}: `{runner_set}` is set by the runner; remove it")
+
+
 class Experiment:
     """A parsed, validated experiment config and the stages it expands into."""
 
@@ -191,8 +255,8 @@ class Experiment:
         self.name = str(raw.get("name", path.stem))
         self.out = out or Path("experiments") / self.name
         self.model = str(raw.get("model", DEFAULT_MODEL))
-        self.seed = int(raw.get("seed", 0))
-        self.seeds = self._seeds(raw.get("seeds", [self.seed]))
+        self.seed = _integer(path, "seed", raw.get("seed", 0), "seed of every run (or give `seeds`)")
+        self.seeds = _seeds(path, raw.get("seeds", [self.seed]))
         self.task = from_dict(TaskSpec, raw.get("task") or {}, f"{path}: task")
         for split in ("train", "test"):
             spec = getattr(self.task, split)
@@ -205,13 +269,14 @@ class Experiment:
         if self.replay.file and not Path(self.replay.file).is_file():
             raise CftuneError(f"{path}: replay.file {self.replay.file} not found")
         cf = dict(raw.get("cf") or {})
-        self.cf_heldout = int(cf.pop("heldout", 128))
+        self.cf_heldout = _integer(path, "cf.heldout", cf.pop("heldout", 128),
+                                        "held-out T=1 samples of the base for the KL", 2)
         for banned in RUNNER_SET_CF:
             if banned in cf:
                 raise CftuneError(f"{path}: cf.{banned} is set by the runner; remove it")
         self.cf = from_dict(GenerateConfig, {"model": self.model, **cf}, f"{path}: cf")
         self.train_defaults = dict(raw.get("train") or {})
-        self._check_train_keys(self.train_defaults, f"{path}: train")
+        _check_train_keys(self.train_defaults, f"{path}: train")
         self.runs = self._expand_runs(raw.get("runs") or [])
         self.ablation = self._ablation(raw.get("ablation"))
         self._check_equal_task_batches()
@@ -219,31 +284,10 @@ class Experiment:
 
     # ------------------------------------------------------------------ validation
 
-    def _seeds(self, value: Any) -> list[int]:
-        """`seeds: [0, 1, 2]` replicates every run (task order, CF draw, LoRA init) on the same
-        evaluation sets; the default is the single `seed`."""
-        if not isinstance(value, list) or not value or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise CftuneError(f"{self.path}: `seeds` must be a non-empty list of integers "
-                              f"(got {value!r})")
-        if len(set(value)) != len(value):
-            raise CftuneError(f"{self.path}: `seeds` repeats a seed ({value})")
-        return list(value)
-
-    def _check_train_keys(self, values: dict[str, Any], where: str) -> None:
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CftuneError(f"{where}: unknown setting(s) {', '.join(unknown)}"
-                              f"{did_you_mean(unknown[0], known)}")
-        for runner_set in ("model", "task", "out", "cfs"):
-            if runner_set in values:
-                raise CftuneError(f"{where}: `{runner_set}` is set by the runner; remove it")
-
-    def _expand_runs(self, runs: list[Any]) -> list[dict[str, Any]]:
+    def _expand_runs(self, runs: list[Any]) -> list[Run]:
         if not isinstance(runs, list) or not runs:
             raise CftuneError(f"{self.path}: `runs` must be a non-empty list of runs")
-        out: list[dict[str, Any]] = []
+        specs: list[dict[str, Any]] = []  # runs before their copies over seeds
         for i, run in enumerate(runs):
             where = f"{self.path}: runs[{i}]"
             if not isinstance(run, dict) or "name" not in run or "method" not in run:
@@ -258,14 +302,14 @@ class Experiment:
                     raise CftuneError(f"{where}: a wise-ft run takes no training settings "
                                       f"({', '.join(sorted(settings))})")
                 for a in run["alphas"]:
-                    out.append({"name": f"{run['name']}-a{a}", "method": WISE_FT,
+                    specs.append({"name": f"{run['name']}-a{a}", "method": WISE_FT,
                                 "of": str(run["of"]), "alpha": float(a), "seeds": seeds})
                 continue
-            self._check_train_keys({**settings, "method": run["method"]}, where)
+            _check_train_keys({**settings, "method": run["method"]}, where)
             sweep = run.get("sweep") or {}
             if len(sweep) > 1:
                 raise CftuneError(f"{where}: sweep over one setting at a time (got {list(sweep)})")
-            self._check_train_keys({k: v for k, v in sweep.items() if not k.startswith(CF_SWEEP)},
+            _check_train_keys({k: v for k, v in sweep.items() if not k.startswith(CF_SWEEP)},
                                    f"{where}: sweep")
             for key, values in sweep.items() or [(None, [None])]:
                 on_cf = key is not None and key.startswith(CF_SWEEP)
@@ -274,21 +318,21 @@ class Experiment:
                             else f"{run['name']}-{key.removeprefix(CF_SWEEP)}={v}")
                     extra = {} if key is None or on_cf else {key: v}
                     cf_extra = {key.removeprefix(CF_SWEEP): v} if on_cf else {}
-                    out.append({"name": name, "method": run["method"], "seeds": seeds,
+                    specs.append({"name": name, "method": run["method"], "seeds": seeds,
                                 "settings": {**self.train_defaults, **settings, **extra},
                                 "cf": self._cf_overrides({**cf, **cf_extra}, run,
                                                          f"{where}: sweep")})
-        out = self._replicate(out)
-        names = [r["name"] for r in out]
+        out = self._replicate(specs)
+        names = [r.name for r in out]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise CftuneError(f"{self.path}: duplicated run name(s) {', '.join(dupes)}")
         for r in out:
-            if r["method"] == WISE_FT:
-                parent = next((p for p in out if p["name"] == r["of"]), None)
-                if parent is None or parent["method"] == WISE_FT:
-                    raise CftuneError(f"{self.path}: run '{r['name']}' merges unknown run "
-                                      f"'{r['of']}' (of: must name a training run)")
+            if r.method == WISE_FT:
+                parent = next((p for p in out if p.name == r.of), None)
+                if parent is None or parent.method == WISE_FT:
+                    raise CftuneError(f"{self.path}: run '{r.name}' merges unknown run "
+                                      f"'{r.of}' (of: must name a training run)")
             else:  # fail now, not after an hour of training, on bad values
                 self.train_config(r)
         return out
@@ -325,11 +369,11 @@ class Experiment:
             raise CftuneError(f"{where}: unknown setting {setting}{did_you_mean(name, known)}")
         return setting
 
-    def setting_value(self, run: dict[str, Any], setting: str) -> Any:
+    def setting_value(self, run: Run, setting: str) -> Any:
         """A training run's value of `setting` (`cf.NAME`: its CF pool's), defaults included."""
         if setting.startswith(CF_SWEEP):
             name = setting.removeprefix(CF_SWEEP)
-            return (run.get("cf") or {}).get(name, getattr(self.cf, name))
+            return run.cf.get(name, getattr(self.cf, name))
         return getattr(self.train_config(run), setting)
 
     def _run_seeds(self, value: Any, where: str) -> list[int]:
@@ -337,14 +381,14 @@ class Experiment:
         rest on the first seed); by default every seed."""
         if value is None:
             return self.seeds
-        seeds = self._seeds(value)
+        seeds = _seeds(self.path, value)
         extra = sorted(set(seeds) - set(self.seeds))
         if extra:
             raise CftuneError(f"{where}: seeds {extra} are not among the experiment's `seeds` "
                               f"{self.seeds}; a run replicates over a subset of them")
         return seeds
 
-    def _replicate(self, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _replicate(self, runs: list[dict[str, Any]]) -> list[Run]:
         """One copy of each run per seed (the run's own `seeds`, else every seed): named
         `NAME-sSEED` when the experiment has several seeds, with `group` = NAME (what the report
         averages over) and `seed`; a Wise-FT run merges the copy of its parent with the same
@@ -355,11 +399,11 @@ class Experiment:
             for r in runs:
                 if s not in r["seeds"]:
                     continue
-                copy = {k: v for k, v in r.items() if k != "seeds"}
-                copy.update(name=r["name"] + tag, group=r["name"], seed=s)
-                if r["method"] == WISE_FT:
-                    copy["of"] = r["of"] + tag
-                out.append(copy)
+                merge = r["method"] == WISE_FT
+                out.append(Run(name=r["name"] + tag, method=r["method"], group=r["name"], seed=s,
+                               settings=r.get("settings") or {}, cf=r.get("cf") or {},
+                               of=r["of"] + tag if merge else None,
+                               alpha=r["alpha"] if merge else None))
         return out
 
     def _check_equal_task_batches(self) -> None:
@@ -367,9 +411,9 @@ class Experiment:
         4): a second stream adds examples on top, it never takes task examples' place."""
         per_step: dict[int, list[str]] = {}
         for r in self.runs:
-            if r["method"] != WISE_FT:
+            if r.method != WISE_FT:
                 cfg = self.train_config(r)
-                per_step.setdefault(cfg.batch_size * cfg.grad_accum, []).append(r["name"])
+                per_step.setdefault(cfg.batch_size * cfg.grad_accum, []).append(r.name)
         if len(per_step) > 1:
             groups = "; ".join(f"{n} for {', '.join(names)}" for n, names in sorted(per_step.items()))
             raise CftuneError(f"{self.path}: runs see different task examples per step "
@@ -378,11 +422,11 @@ class Experiment:
                               f"batch_size on top)")
 
     def _check_benchmarks(self) -> None:
-        from cftune.evaluate import benchmarks
+        import cftune.evaluate.benchmarks as benchmarks
 
         for name in self.eval.bench:
             benchmarks.resolve(name, self.eval.data_dir)
-        groups = {r["name"] for r in self.runs} | {r["group"] for r in self.runs} | {"base"}
+        groups = {r.name for r in self.runs} | {r.group for r in self.runs} | {"base"}
         for pair in self.eval.compare:
             unknown = [n for n in pair if n not in groups]
             if len(pair) != 2 or unknown:
@@ -391,29 +435,29 @@ class Experiment:
 
     # ------------------------------------------------------------------ stage settings
 
-    def train_settings(self, run: dict[str, Any], task_file: Path, stream: Path | None
+    def train_settings(self, run: Run, task_file: Path, stream: Path | None
                        ) -> dict[str, Any]:
         """A run's TrainConfig values (the runner sets model, data and prompt format); `stream`
         is the run's second data stream: CF pool, contextual samples or replay corpus."""
         settings = {"model": self.model, "task": str(task_file), "out": "unused",
                     "prompt_field": self.task.prompt_field,
-                    "response_field": self.task.response_field, "seed": run["seed"],
+                    "response_field": self.task.response_field, "seed": run.seed,
                     "prompt_format": self.task.prompt, "doc_start": self.task.doc_start,
-                    "method": run["method"], **run["settings"]}
+                    "method": run.method, **run.settings}
         if settings["method"] == "replay":
             settings["replay"] = str(stream)
         elif settings["method"] in STREAM_METHODS:
             settings["cfs"] = str(stream)
         return settings
 
-    def train_config(self, run: dict[str, Any]) -> TrainConfig:
+    def train_config(self, run: Run) -> TrainConfig:
         """The run's TrainConfig with placeholder data paths: validates every other setting
         before anything runs (the data files are written by earlier stages)."""
         placeholder = "builtin:arithmetic"  # passes the existence checks, like a builtin task
         settings = self.train_settings(run, Path(placeholder), Path(placeholder))
-        return from_dict(TrainConfig, settings, f"{self.path}: run '{run['name']}'")
+        return from_dict(TrainConfig, settings, f"{self.path}: run '{run.name}'")
 
-    def cf_consumed(self, run: dict[str, Any]) -> int:
+    def cf_consumed(self, run: Run) -> int:
         """CF examples a run draws in training (the trainer's own count, so the pool is drawn
         exactly as large as training consumes)."""
         cfg = self.train_config(run)

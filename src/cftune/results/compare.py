@@ -22,7 +22,7 @@ explains it (flips, McNemar p, significance):
 - `bench_paired_avg`: the mean Δ over benchmarks (the forgetting axis of the plot).
 
 A model replicated over seeds is a list of results: each item's outcome is averaged over seeds
-first, then compared (`paired.paired_over_seeds`), since per-seed comparisons share the items
+first, then compared (`stats.paired_over_seeds`), since per-seed comparisons share the items
 and the base and are not independent. `seed_metrics` averages scalar metrics over seeds with a
 t interval on seeds − 1 degrees of freedom.
 """
@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from statistics import fmean
 from typing import Any
 
-from cftune.evaluate import paired
-from cftune.report import BENCH_PAIRED, PAIRED_PREFIXES, RATIOS
+from cftune import stats
+from cftune.results.metrics import BENCH_PAIRED, PAIRED_PREFIXES, RATIOS
 
 BENCH_PREFIX = "bench/"
 
@@ -54,10 +54,10 @@ def _mean_over_seeds(lists: Sequence[Sequence[float]]) -> list[float]:
 def _proportions(ref: Sequence[Sequence[bool]], model: Sequence[Sequence[bool]]) -> dict[str, Any]:
     """Paired Δ accuracy: exact (Newcombe, McNemar) for one run each, seed-averaged otherwise."""
     if len(ref) == 1 and len(model) == 1:
-        s = paired.paired_proportions(ref[0], model[0])
+        s = stats.paired_proportions(ref[0], model[0])
         return _metric(s, flips=[s["right_to_wrong"], s["wrong_to_right"]],
                        mcnemar_p=s["mcnemar_p"], unpaired_stderr=s["unpaired_stderr"])
-    s = paired.paired_over_seeds([[float(x) for x in r] for r in ref],
+    s = stats.paired_over_seeds([[float(x) for x in r] for r in ref],
                                  [[float(x) for x in r] for r in model])
     return _metric(s, flips=[s["flips"]["right_to_wrong"], s["flips"]["wrong_to_right"]],
                    seeds=[s["n_seeds_a"], s["n_seeds_b"]])
@@ -96,21 +96,21 @@ def paired_metrics(ref: Sequence[dict], model: Sequence[dict],
             bench = name[len(BENCH_PREFIX):]
             out[f"paired/{bench}"] = _proportions([[x["correct"] for x in r] for r in ref_recs],
                                                   [[x["correct"] for x in r] for r in model_recs])
-            margins = [_mean_over_seeds([[paired.gold_margin(x, primary) for x in r]
+            margins = [_mean_over_seeds([[stats.gold_margin(x, primary) for x in r]
                                          for r in recs]) for recs in (ref_recs, model_recs)]
-            out[f"margin/{bench}"] = _metric(paired.paired_mean_difference(*margins))
+            out[f"margin/{bench}"] = _metric(stats.paired_mean_difference(*margins))
             deltas.append(out[f"paired/{bench}"])
         elif name == "task_acc":
             out["paired/task_acc"] = _proportions([r["items"][name] for r in ref],
                                                   [r["items"][name] for r in model])
         elif name in ("task_nll", "instr_ref_nll") or (name in ("kl", "instr_kl") and with_kl):
             means = [_mean_over_seeds([r["items"][name] for r in side]) for side in (ref, model)]
-            out[f"paired/{name}"] = _metric(paired.paired_mean_difference(*means))
+            out[f"paired/{name}"] = _metric(stats.paired_mean_difference(*means))
     if deltas:
         se = math.sqrt(sum((d["stderr"] or 0.0) ** 2 for d in deltas)) / len(deltas)
         mean = sum(d["value"] for d in deltas) / len(deltas)
         out[BENCH_PAIRED] = {"value": mean, "stderr": se,
-                                   "ci95": [mean - paired.Z95 * se, mean + paired.Z95 * se],
+                                   "ci95": [mean - stats.Z95 * se, mean + stats.Z95 * se],
                                    "n": sum(d["n"] or 0 for d in deltas)}
     return out
 
@@ -142,7 +142,7 @@ def seed_ratios(base: dict, ref: Sequence[dict], model: Sequence[dict]) -> dict[
     out = {}
     for name in RATIOS:
         if all(name in r and name in m and r[name] != 0 for r, m in pairs):
-            s = paired.seed_interval([m[name] / r[name] for r, m in pairs])
+            s = stats.seed_interval([m[name] / r[name] for r, m in pairs])
             out[name] = {"value": s["value"], "stderr": s["stderr"] if s["n"] > 1 else None,
                          "ci95": s["ci95"], "n": s["n"]}
     return out
@@ -158,7 +158,7 @@ def seed_metrics(metric_sets: Sequence[dict[str, dict[str, Any]]]) -> dict[str, 
         values = [m[name]["value"] for m in metric_sets if m.get(name, {}).get("value") is not None]
         if len(values) != len(metric_sets):
             continue
-        s = paired.seed_interval(values)
+        s = stats.seed_interval(values)
         out[name] = {"value": s["value"], "stderr": s["stderr"] if len(values) > 1 else None,
                      "ci95": s["ci95"], "n": len(values), "sd": s["sd"] if len(values) > 1 else None}
     return out

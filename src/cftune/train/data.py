@@ -1,4 +1,4 @@
-"""Training data: task rows and CF samples turned into masked token examples, mixed and batched.
+"""Training data: task rows and CF samples turned into masked token examples.
 
 An *example* is a dict `{"input_ids", "labels", "source", "weight"}` (plus `topk_ids` /
 `topk_logprobs` for the KD objective): `labels` is -100 wherever the model must not be trained to
@@ -10,9 +10,8 @@ property of the example, not of the loss. `source` says which stream an example 
   the prefix (or the record's `prompt_ids`) as context only. `token_ids` already ends with EOS when
   the sample finished, so EOS is a target exactly when it was sampled.
 
-Mixing is done by the batch sampler, not by copying rows: `MixedBatchSampler` gives every batch
-about `ratio` CF examples per task example and groups similar lengths inside a window of batches,
-so padding stays small without breaking the proportion.
+Tokenised examples are cached by content (`cached`); mixing the streams is the batch sampler's
+job (`cftune.train.batches`), not done by copying rows.
 """
 
 from __future__ import annotations
@@ -21,27 +20,22 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
-import random
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cftune.errors import CftuneError
-from cftune.prompts import FORMATS, PromptSpec, document_ids, prompt_ids, response_ids
-from cftune.samples import BOM, iter_jsonl, iter_samples, note_bom, read_manifest
+from cftune.generate.samples import iter_samples
+from cftune.io import BOM, iter_jsonl, note_bom, read_manifest
+from cftune.prompts import PromptSpec, document_ids, prompt_ids, response_ids
+from cftune.train.formats import TaskFormat
 
 TASK, CF = 0, 1
 SOURCES = ("task", "cf")
-SHAPES = ("auto", "prompt-response", "messages", "text")
-PROMPT_FORMATS = FORMATS
-OVERLONG = ("truncate", "drop")
 CACHE_VERSION = 2  # bump when the tokenisation below changes, to invalidate cached examples
 
 
@@ -105,22 +99,6 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------ task rows -> examples
-@dataclass(frozen=True)
-class TaskFormat:
-    """How task rows become token ids (the data fields of `TrainConfig`, gathered)."""
-
-    shape: str = "auto"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    messages_field: str = "messages"
-    text_field: str = "text"
-    prompt_format: str = "auto"  # cftune.prompts.FORMATS
-    prompt_template: str = "{prompt}\n"
-    doc_start: str | None = None  # cftune.prompts.doc_start_ids
-    max_length: int = 512
-    overlong: str = "truncate"
-
-
 def detect_shape(row: dict[str, Any], fmt: TaskFormat, where: str) -> str:
     """The row shape: the configured one, or the first whose fields the row has."""
     if fmt.shape != "auto":
@@ -260,7 +238,7 @@ class Counts:
     dropped: int = 0
     target_tokens: int = 0
     bom_skipped: int = 0  # files whose UTF-8 byte-order mark was skipped (accepted, with a note)
-    unused: int = 0  # CF samples past what the run draws (`cftune.train.first_draws`)
+    unused: int = 0  # CF samples past what the run draws (`cftune.train.streams.first_draws`)
 
 
 def starts_with_bom(path: str | Path) -> bool:
@@ -388,8 +366,8 @@ def cached(parts: dict[str, Any], build) -> tuple[list[dict], Counts]:
     """
     import datasets
 
+    from cftune.io import atomic_write_json, read_json
     from cftune.models import cache_dir
-    from cftune.samples import atomic_write_json, read_json
 
     blob = json.dumps({**parts, "v": CACHE_VERSION}, sort_keys=True).encode()
     folder = cache_dir() / "tokenized" / hashlib.sha256(blob).hexdigest()[:20]
@@ -415,141 +393,3 @@ def cached(parts: dict[str, Any], build) -> tuple[list[dict], Counts]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return examples, counts
-
-
-# ---------------------------------------------------------------------------------- batching
-class MixedBatchSampler:
-    """Batches of task and CF example indices in a fixed proportion, grouped by length.
-
-    Indices `[0, n_task)` are task examples and `[n_task, n_task + n_cf)` CF examples. Every batch
-    holds `batch_size` task examples (the last one of an epoch may hold fewer) plus about
-    `ratio × batch_size` CF examples, so runs with and without a second stream see the same task
-    examples per step (issue 9, item 4). Batch `j` carries the CF examples that bring the epoch's
-    running CF count to `floor(task examples so far × ratio)`, so a fractional ratio is met to
-    within one example per batch. Each epoch shows every task example once (shuffled) and
-    `round(ratio · n_task)` CF examples, taken in order from a fixed shuffle of the CF pool and
-    continuing across epochs, so no CF sample is reused before the pool is exhausted.
-    Inside a window of `group` batches, task and CF examples are each sorted by length and handed
-    back in that order (each batch keeps its counts), then the window's batches are shuffled:
-    similar lengths pad little, and the proportion survives.
-    """
-
-    def __init__(self, lengths: Sequence[int], n_task: int, batch_size: int, ratio: float = 0.0,
-                 seed: int = 0, group: int = 16, shuffle: bool = True):
-        assert batch_size >= 1 and ratio >= 0 and 0 < n_task <= len(lengths)
-        self.lengths = list(lengths)
-        self.n_task, self.n_cf = n_task, len(lengths) - n_task
-        # Not called `batch_size`: accelerate's BatchSamplerShard reads that attribute as the
-        # length of every full batch, which a task + CF batch is not (it would stall DDP ranks).
-        self.task_batch, self.seed, self.group, self.shuffle = batch_size, seed, group, shuffle
-        self.cf_per_epoch = round(ratio * n_task) if self.n_cf else 0
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(self.n_task / self.task_batch)
-
-    def task_sizes(self) -> list[int]:
-        """Task examples in each batch of an epoch."""
-        return [min(self.task_batch, self.n_task - j * self.task_batch) for j in range(len(self))]
-
-    def composition(self) -> list[int]:
-        """Number of CF examples in each batch of an epoch (the same every epoch)."""
-        def cf_upto(t: int) -> int:
-            return (t * self.cf_per_epoch) // self.n_task
-
-        return [cf_upto(min(self.n_task, (j + 1) * self.task_batch)) - cf_upto(j * self.task_batch)
-                for j in range(len(self))]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = random.Random(f"{self.seed}:{self.epoch}")
-        task = list(range(self.n_task))
-        if self.shuffle:
-            rng.shuffle(task)
-        pool = list(range(self.n_task, self.n_task + self.n_cf))
-        random.Random(f"{self.seed}:cf").shuffle(pool)
-        start = self.epoch * self.cf_per_epoch
-        cf = [pool[(start + k) % self.n_cf] for k in range(self.cf_per_epoch)] if self.n_cf else []
-        plan, sizes = self.composition(), self.task_sizes()
-        t_pos = c_pos = 0
-        for w in range(0, len(plan), self.group):
-            window = range(w, min(w + self.group, len(plan)))
-            n_c = sum(plan[j] for j in window)
-            n_t = sum(sizes[j] for j in window)
-            t_items = sorted(task[t_pos:t_pos + n_t], key=self.lengths.__getitem__)
-            c_items = sorted(cf[c_pos:c_pos + n_c], key=self.lengths.__getitem__)
-            t_pos, c_pos = t_pos + n_t, c_pos + n_c
-            batches, ti, ci = [], 0, 0
-            for j in window:
-                k_c, k_t = plan[j], sizes[j]
-                batches.append(t_items[ti:ti + k_t] + c_items[ci:ci + k_c])
-                ti, ci = ti + k_t, ci + k_c
-            if self.shuffle:
-                rng.shuffle(batches)
-            yield from batches
-
-
-class ExampleDataset(torch.utils.data.Dataset):
-    """Task examples followed by CF examples, indexable as one list (what the sampler indexes)."""
-
-    def __init__(self, task: list[dict], cf: list[dict] | None = None):
-        self.examples = list(task) + list(cf or [])
-        self.n_task = len(task)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.examples[i]
-
-    def lengths(self) -> list[int]:
-        return [len(e["input_ids"]) for e in self.examples]
-
-
-@dataclass
-class Collator:
-    """Pads a list of examples to the longest (right padding) into model-ready tensors.
-
-    Rows are put in source order (task first), so an objective can take the task rows as a view.
-    Output: `input_ids`, `attention_mask`, `labels` [B, T]; `source`, `weight` [B]; with KD,
-    `topk_ids` / `topk_logprobs` [B, T, K] aligned with `labels` (zero where there is no target).
-    """
-
-    pad_id: int
-    kd: bool = False
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        examples = sorted(examples, key=lambda e: e["source"])
-        width = max(len(e["input_ids"]) for e in examples)
-        batch_size = len(examples)
-        input_ids = torch.full((batch_size, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((batch_size, width), dtype=torch.long)
-        labels = torch.full((batch_size, width), -100, dtype=torch.long)
-        for i, e in enumerate(examples):
-            n = len(e["input_ids"])
-            input_ids[i, :n] = torch.tensor(e["input_ids"])
-            attention[i, :n] = 1
-            labels[i, :n] = torch.tensor(e["labels"])
-        batch = {
-            "input_ids": input_ids, "attention_mask": attention, "labels": labels,
-            "source": torch.tensor([e["source"] for e in examples]),
-            "weight": torch.tensor([float(e.get("weight", 1.0)) for e in examples]),
-        }
-        if self.kd:
-            batch.update(self._topk(examples, width))
-        return batch
-
-    @staticmethod
-    def _topk(examples: list[dict], width: int) -> dict[str, torch.Tensor]:
-        k = next((len(e["topk_ids"][0]) for e in examples if e.get("topk_ids")), 1)
-        ids = torch.zeros((len(examples), width, k), dtype=torch.long)
-        logps = torch.zeros((len(examples), width, k), dtype=torch.float32)
-        for i, e in enumerate(examples):
-            if not e.get("topk_ids"):
-                continue
-            n, end = len(e["topk_ids"]), len(e["input_ids"])
-            ids[i, end - n:end] = torch.tensor(e["topk_ids"])
-            logps[i, end - n:end] = torch.tensor(e["topk_logprobs"], dtype=torch.float32)
-        return {"topk_ids": ids, "topk_logprobs": logps}

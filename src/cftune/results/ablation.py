@@ -2,7 +2,7 @@
 task gain and every forgetting yardstick on y, one curve per method, 95% intervals drawn.
 
 Why a plot of its own: the trade-off plot answers "which method", this one "which value of a
-knob". Rows are the report's (`cftune.report`); the runner gives a cfs/kd row `x` (its value of
+knob". Rows are the report's (`cftune.results.metrics`); the runner gives a cfs/kd row `x` (its value of
 the config's `ablation` setting) and `curve` (method and mode). Rows without `x` (the base,
 `full`) are drawn as horizontal references: the base is 0 on every Δ panel, `full` a dashed
 line with its interval as a band, so each point reads as "how much of full's forgetting is
@@ -15,16 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cftune.report import (
-    BASE,
-    BENCH_PAIRED,
-    INSTR_KL,
-    KL,
-    ci_error,
-    order_rows,
-    plotted_rows,
-    value,
-)
+from cftune.results.metrics import BASE, BENCH_PAIRED, INSTR_KL, KL, order_rows, value
+from cftune.results.plots import ci_error, plotted_rows
 
 ABLATION_PNG = "ablation.png"
 PANELS = (  # (metric, title): task gain first, then forgetting, each only when measured

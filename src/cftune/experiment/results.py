@@ -1,0 +1,136 @@
+"""The runner's results: one row per evaluated model (its metrics, paired metrics against the base,
+its training facts), one row per run group averaging its seeds, and the paired comparisons
+`eval.compare` asks for. The rows are what `cftune.results.report` renders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from cftune.errors import CftuneError
+from cftune.experiment.config import CF_METHODS, WISE_FT, Experiment, Run
+from cftune.io import read_json
+
+
+class Plan(Protocol):
+    """What the results read of a runner's plan (`cftune.experiment.plan.Runner`): the runs, the
+    models they made, and each model's evaluation stage."""
+
+    exp: Experiment
+    runs: list[Run]
+    models: dict[str, Path | str]
+    out: Path
+
+    def eval_stage(self, name: str) -> Any: ...
+
+
+def _same_samples(rows: list[dict[str, Any]], out: Path) -> None:
+    """Every model's KLs must be scored on one sample set. The held-out CF set is kept with the
+    evaluations; the base's instruction responses are drawn again where a folder was kept
+    without them, and another machine may draw them otherwise (seeded, not bitwise portable)."""
+    for metric, what in (("kl", "held-out CF samples"), ("instr_kl", "base's instruction "
+                                                                    "responses")):
+        sets: dict[str, list[str]] = {}
+        for r in rows:
+            digest = (r["metrics"].get(metric) or {}).get("samples_digest")
+            if digest is not None:  # None: scored before the digest was recorded
+                sets.setdefault(digest, []).append(r["run"])
+        if len(sets) > 1:
+            groups = "; ".join(", ".join(runs) for runs in sets.values())
+            raise CftuneError(f"{out}: {metric} was scored on {len(sets)} different sets of the "
+                              f"{what} ({groups}); delete the evals/ folders of one group to "
+                              "re-score them on the current set")
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows by run group (a run's copies over seeds; a run name is its own group too)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r["group"], []).append(r)
+        if r["run"] != r["group"]:
+            out.setdefault(r["run"], []).append(r)
+    return out
+
+
+def _training_facts(folder: Path) -> dict[str, Any]:
+    """Steps, tokens processed and training wall time of a finished run (from its log; all
+    None where the run's folder is gone)."""
+    from cftune.io import iter_jsonl
+
+    if not (folder / "manifest.json").is_file():
+        return {"steps": None, "tokens": None, "wall_time_s": None, "stream_capped": None}
+    m = read_json(folder / "manifest.json")
+    log = folder / "training_log.jsonl"
+    lines = [r for r in iter_jsonl(log) if "tokens_per_s" in r] if log.is_file() else []
+    tokens = round(sum(r["tokens_per_s"] * r["seconds"] for r in lines)) if lines else None
+    pool = m.get("cf_pool") or {}
+    return {"steps": m.get("steps"), "tokens": tokens, "wall_time_s": m.get("seconds"),
+            "stream_capped": pool.get("capped")}
+
+
+def collect(runner: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows, comparisons): a row per evaluated model with its metrics and its paired
+    metrics against the base; with several seeds, a row per run group (`NAME (n seeds)`)
+    averaging the seeds evaluated; and the paired comparisons `eval.compare` asks for.
+    Every run of the config evaluated so far is in, whichever runs `--only` ran."""
+    from cftune.results.compare import paired_metrics, seed_metrics, seed_ratios
+
+    results, rows = {}, []
+    pending = [name for name in runner.models if not runner.eval_stage(name).done()]
+    if pending:
+        print(f"cftune run: {len(pending)} run(s) not evaluated yet, not in the report: "
+              f"{', '.join(pending)}")
+    for name, model in runner.models.items():
+        if name in pending:
+            continue
+        results[name] = read_json(runner.eval_stage(name).folder / "result.json")
+        run = next((r for r in runner.runs if r.name == name), None)
+        row = {"run": name, "method": "base" if run is None else
+               (run.method if run.method == WISE_FT else run.settings.get("method", run.method)),
+               "group": run.group if run else "base", "seed": run.seed if run else None,
+               "parent": run.of if run else None, "alpha": run.alpha if run else None,
+               "metrics": dict(results[name]["metrics"]), "steps": None, "tokens": None,
+               "wall_time_s": None, "stream_capped": None}
+        if run is not None and run.method != WISE_FT:
+            row.update(_training_facts(Path(model)))
+            if row["stream_capped"] is not None and row["method"] == "contextual":
+                row["metrics"]["stream_capped"] = {
+                    "value": row["stream_capped"], "stderr": None, "ci95": None, "n": None}
+        if run is not None:
+            row["metrics"].update(paired_metrics([results["base"]], [results[name]]))
+        if runner.exp.ablation and run is not None and run.method in CF_METHODS:
+            cfg = runner.exp.train_config(run)
+            row.update(ablation=runner.exp.ablation,
+                       x=runner.exp.setting_value(run, runner.exp.ablation),
+                       curve=cfg.method + (f" ({cfg.cfs_mode})" if cfg.method == "cfs" else ""))
+        rows.append(row)
+    _same_samples(rows, runner.out)
+    groups = _groups(rows)
+    if len(runner.exp.seeds) > 1:
+        for group, members in groups.items():
+            if group == "base" or len(members) < 2:  # a one-seed run is its own row
+                continue
+            first = members[0]
+            rows.append({**{k: first.get(k) for k in ("method", "alpha", "ablation", "x",
+                                                      "curve") if k in first},
+                         "run": f"{group} ({len(members)} seeds)", "group": group,
+                         "seeds": [m["seed"] for m in members],
+                         "parent": first["parent"] and first["parent"].rsplit("-s", 1)[0],
+                         "metrics": {**seed_metrics([m["metrics"] for m in members]),
+                                     **paired_metrics([results["base"]],
+                                                      [results[m["run"]] for m in members])},
+                         "steps": first.get("steps"), "tokens": None, "wall_time_s": None})
+    comparisons = []
+    for a, b in runner.exp.eval.compare:
+        if a not in groups or b not in groups:
+            print(f"cftune run: comparison {b} vs {a} skipped: "
+                  f"{a if a not in groups else b} is not evaluated yet")
+            continue
+        ref, model = ([results[m["run"]] for m in groups[g]] for g in (a, b))
+        metrics = paired_metrics(ref, model, with_kl=True)
+        seeds = [[m["seed"] for m in groups[g]] for g in (a, b)]
+        if seeds[0] == seeds[1]:  # the same seeds on both sides: ratios seed by seed
+            metrics.update(seed_ratios(results["base"], ref, model))
+        comparisons.append({"ref": a, "model": b, "metrics": metrics})
+    return rows, comparisons
