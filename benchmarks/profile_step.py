@@ -2,7 +2,7 @@
 chunked output-layer loss and with the full logits, the top operators of each side by side.
 
 Why: on an H200 the chunked loss ran Gemma-3-270m 5-7x slower per step than the full logits
-while the head loss alone, timed apart, was as fast (README, Benchmarks); the cause lies in the
+while the head loss alone, timed apart, was as fast (docs/benchmarks.md); the cause lies in the
 step around it. This prints, per variant, the mean step time and the operators with the most
 self time (device time on a GPU, CPU time otherwise), so one run on a GPU names the culprit.
 

@@ -4,7 +4,7 @@ the full logits (`before`), with gradient checkpointing on top, and with freed m
 the system as well (`--mmap-threshold`, cftune.memory) (tokens/s and peak memory, each run in
 its own process). Prints one JSON line.
 
-Same model, examples (tokenised once by `cftune.data`), batch size, dtype and number of steps for
+Same model, examples (tokenised once by `cftune.train.data`), batch size, dtype and number of steps for
 both engines; the plain run uses `DataCollatorForSeq2Seq` (padding to the longest row of randomly
 drawn batches) and the model's own loss. Throughput is real (non-padding) tokens per second over
 the steps after the first (warm-up excluded). Targets: cftune/plain >= 1.3, kd/mix <= 1.1.

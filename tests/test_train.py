@@ -444,7 +444,7 @@ def test_cfs_forgets_less_than_full_fine_tuning_on_the_real_model(embedded_model
 
 
 def test_reused_cf_samples_are_warned_about_loudly(capsys):
-    from cftune import data
+    from cftune.train import data
     from cftune.train.config import TrainConfig
     from cftune.train.streams import warn_if_cf_repeats
 

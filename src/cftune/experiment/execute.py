@@ -7,8 +7,9 @@ finished output is skipped: a second `cftune run` does no work, a changed settin
 stages downstream of it, and a killed run resumes (generation and training resume internally too).
 
 The config format is `cftune.experiment.config`'s; the stages are planned by
-`cftune.experiment.plan` and evaluated by `cftune.experiment.evaluation`; rows and comparisons
-come from `cftune.experiment.results`.
+`cftune.experiment.plan` and performed here (`perform`: the library's generate, train, merge and
+`evaluate_model` on the yardsticks `cftune.experiment.evaluation` describes); rows and
+comparisons come from `cftune.experiment.results`.
 """
 
 from __future__ import annotations

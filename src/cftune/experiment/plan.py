@@ -43,7 +43,8 @@ class Stage:
 
 
 class Runner:
-    """Turns an `Experiment` into stages and runs those not cached."""
+    """An `Experiment` planned: its stages, each keyed and described, and which are still to do
+    (`cftune.experiment.execute` does them). Pure: planning reads configs and files, runs nothing."""
 
     def __init__(self, exp: Experiment, only: list[str], stages: Path | None = None):
         self.exp = exp
