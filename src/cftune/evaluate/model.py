@@ -44,15 +44,15 @@ from cftune.provenance import package_versions
 # The normal quantile of the report's 95% intervals, as every committed evaluation used it.
 Z = 1.96
 def evaluate_model(spec: str | Path, m: Measure, base_fp: str, fp: str | None = None,
-                   base_tokenizer: Any = None, kl_reference: list[float] | None = None
-                   ) -> dict[str, Any]:
+                   base_tokenizer: Any = None, kl_reference: list[float] | None = None,
+                   tokenizer: Any = None) -> dict[str, Any]:
     """Every metric `m` asks for on model `spec`: {"model", "metrics", "items", "raw",
     "seconds", "versions"}. `base_fp` identifies the base the KLs are against; `fp` the model's
     content (the cache key; None: no cache); `base_tokenizer` the base's (default: the
     model's, whose vocabulary must then be the base's); `kl_reference` the base's log-probs of
     the KL samples re-scored in `score_dtype` (`cftune.evaluate.kl.base_reference`)."""
     started = time.perf_counter()
-    tokenizer = load_tokenizer(spec)
+    tokenizer = tokenizer or load_tokenizer(spec)  # the caller's, where it checked the vocabulary
     base_tokenizer = base_tokenizer or tokenizer
     model = load_model(spec, m.device, m.score_dtype, inference=True)
     device = next(model.parameters()).device

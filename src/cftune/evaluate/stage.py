@@ -197,7 +197,7 @@ def evaluate(config: EvalConfig) -> dict:
     for spec in specs:
         print(f"cftune eval: {spec}")
         results[spec] = evaluate_model(spec, m, fps[config.base], fps[spec], base_tokenizer,
-                                       reference)
+                                       reference, tokenizers[spec])
     paired, comparisons = paired_results(results, config.base, config.compare)
     entries = build_entries({s: r["metrics"] for s, r in results.items()}, config.base)
     models = [{"spec": s, "fingerprint": fps[s], "role": "base" if s == config.base else "model"}
