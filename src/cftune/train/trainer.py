@@ -49,27 +49,10 @@ class CftuneTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Eq. 1: task NLL + CF term (NLL, or top-K KL for `kd`), plus the L2 penalty; each
         stream's sum is divided by its token count over the whole step (`num_items_in_batch`)."""
-        cfg, spec = self.cftune, self.cftune.spec
-        labels, source = inputs["labels"], inputs["source"]
-        n = num_items_in_batch if num_items_in_batch is not None else \
-            _stream_counts(labels, source).to(labels.device)
-        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-                 "use_cache": False}
-        head = self._head(model)
-        if head is None:  # the token losses read the full logits
-            outputs = model(**batch)
-            x, losses = outputs.logits, objectives
-        else:  # the same losses from hidden states, the output layer applied in chunks
-            x, outputs = head_loss.hidden_states(model, head, **batch)
-            losses = head_loss.bound(head)
-        k = int((source == data.TASK).sum())  # task rows come first (Collator)
-        task_sum, task_n = losses.nll(x[:k], labels[:k], inputs["weight"][:k])
-        if spec.kd:
-            cf_sum, cf_n = losses.topk_kd(x[k:], labels[k:], inputs["topk_ids"][k:],
-                                          inputs["topk_logprobs"][k:])
-        else:
-            cf_sum, cf_n = losses.nll(x[k:], labels[k:])
-        loss = objectives.eq1(task_sum, cf_sum, n[0], n[1], cfg.cfs_mode, cfg.cfs_lambda)
+        cfg = self.cftune
+        loss, outputs, (task_sum, task_n, cf_sum, cf_n) = eq1_loss(
+            model, inputs, num_items_in_batch, kd=cfg.spec.kd, mode=cfg.cfs_mode,
+            lam=cfg.cfs_lambda, head=self._head(model))
         loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         if self.anchors is not None:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -99,13 +82,7 @@ class CftuneTrainer(Trainer):
 
     def _get_num_items_in_batch(self, batch_samples: list, device):
         """Target tokens of the task and CF streams over all micro-batches of this step."""
-        counts = torch.zeros(2, dtype=torch.long)
-        for b in batch_samples:
-            counts += _stream_counts(b["labels"].cpu(), b["source"].cpu())
-        counts = counts.to(device)
-        if self.args.world_size > 1:
-            counts = self.accelerator.gather(counts[None]).sum(0)
-        return counts
+        return step_counts(batch_samples, device, self.accelerator, self.args.world_size)
 
     def _head(self, model) -> head_loss.Head | None:
         """The output layer for the chunked loss (None: off, or a head it cannot handle)."""
@@ -199,6 +176,51 @@ class NoFinalCheckpoint(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
             control.should_save = False
+
+
+def eq1_loss(model, inputs: dict[str, torch.Tensor], n: torch.Tensor | None, *, kd: bool,
+             mode: str, lam: float, head: head_loss.Head | None = None
+             ) -> tuple[torch.Tensor, object, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Eq. 1 of one batch whose task rows come first (`batches.Collator`), and its parts.
+
+    The one implementation of the objective: `CftuneTrainer` and TRL's trainer with the CF term
+    (`cftune.integrations.trl`) both call it. `n` holds [task, CF] target tokens over the whole
+    optimizer step (None: this batch's own); `head` (from `head_loss.head_of`) computes the same
+    losses from hidden states, the output layer applied in chunks. Returns the loss (before DDP
+    scaling), the model's outputs and (task sum, task tokens, CF sum, CF tokens) of this batch.
+    """
+    labels, source = inputs["labels"], inputs["source"]
+    if n is None:
+        n = _stream_counts(labels, source).to(labels.device)
+    batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+             "use_cache": False}
+    if head is None:  # the token losses read the full logits
+        outputs = model(**batch)
+        x, losses = outputs.logits, objectives
+    else:  # the same losses from hidden states, the output layer applied in chunks
+        x, outputs = head_loss.hidden_states(model, head, **batch)
+        losses = head_loss.bound(head)
+    k = int((source == data.TASK).sum())  # task rows come first
+    task_sum, task_n = losses.nll(x[:k], labels[:k], inputs["weight"][:k])
+    if kd:
+        cf_sum, cf_n = losses.topk_kd(x[k:], labels[k:], inputs["topk_ids"][k:],
+                                      inputs["topk_logprobs"][k:])
+    else:
+        cf_sum, cf_n = losses.nll(x[k:], labels[k:])
+    loss = objectives.eq1(task_sum, cf_sum, n[0], n[1], mode, lam)
+    return loss, outputs, (task_sum, task_n, cf_sum, cf_n)
+
+
+def step_counts(batch_samples: list, device, accelerator, world_size: int) -> torch.Tensor:
+    """[task, CF] target tokens over all micro-batches of one optimizer step, all processes:
+    what `eq1_loss` divides by, so accumulation and DDP are exact."""
+    counts = torch.zeros(2, dtype=torch.long)
+    for b in batch_samples:
+        counts += _stream_counts(b["labels"].cpu(), b["source"].cpu())
+    counts = counts.to(device)
+    if world_size > 1:
+        counts = accelerator.gather(counts[None]).sum(0)
+    return counts
 
 
 def _stream_counts(labels: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
