@@ -21,8 +21,9 @@ from cftune.locking import lock_paths, output_lock
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cftune"
 # What a model folder may hold: weights as safetensors, JSON (config, settings, manifest, log)
-# and tokenizer files (tokenizer.json, a sentencepiece .model, chat template, merges/vocab).
-ALLOWED_SUFFIXES = {".safetensors", ".json", ".jsonl", ".jinja", ".txt", ".model"}
+# and tokenizer files (tokenizer.json, a sentencepiece .model, chat template, merges/vocab), the
+# model card (README.md).
+ALLOWED_SUFFIXES = {".safetensors", ".json", ".jsonl", ".jinja", ".txt", ".model", ".md"}
 
 
 def test_trained_model_folder_holds_no_pickles(tiny_model, tmp_path, monkeypatch):

@@ -19,8 +19,9 @@ from cftune.config import from_dict
 from cftune.errors import CftuneError
 from cftune.models import load_model, load_tokenizer
 from cftune.train import batches, data
+from cftune.train.arguments import training_arguments
 from cftune.train.config import TrainConfig
-from cftune.train.stage import train, training_arguments
+from cftune.train.stage import train
 from cftune.train.streams import build_data
 from cftune.train.trainer import CftuneTrainer
 

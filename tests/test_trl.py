@@ -25,8 +25,8 @@ from cftune.errors import CftuneError  # noqa: E402
 from cftune.integrations.trl import CFSFTTrainer  # noqa: E402
 from cftune.models import load_model, load_tokenizer  # noqa: E402
 from cftune.train import batches, data  # noqa: E402
+from cftune.train.arguments import training_arguments  # noqa: E402
 from cftune.train.config import TrainConfig  # noqa: E402
-from cftune.train.stage import training_arguments  # noqa: E402
 from cftune.train.streams import cf_pool_facts  # noqa: E402
 from cftune.train.trainer import CftuneTrainer  # noqa: E402
 

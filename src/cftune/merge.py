@@ -4,7 +4,8 @@ Post-hoc interpolation in weight space between a base model and its fine-tuned v
 is the base, a = 1 the fine-tuned model, values between trade task gain for forgetting without
 any training. A LoRA adapter folder as `finetuned` is merged into its base first (θ_ft = θ_base +
 ΔW), so interpolating equals scaling the adapter's update by a. The output is a plain
-`save_pretrained` folder with the fine-tuned model's tokenizer and a manifest written last.
+`save_pretrained` folder with the fine-tuned model's tokenizer, a model card (`cftune.card`) and
+a manifest written last.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cftune import card
 from cftune.config import field, to_dict
 from cftune.errors import CftuneError
 from cftune.io import MANIFEST, atomic_write_json
@@ -102,8 +104,9 @@ def merge(config: MergeConfig) -> Path:
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
         finetuned.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        atomic_write_json(tmp / MANIFEST, {"stage": "merge", "setting": to_dict(config),
-                                           "base": str(base_spec)})
+        manifest = {"stage": "merge", "setting": to_dict(config), "base": str(base_spec)}
+        card.write(tmp, card.merge_card(manifest, name=out.name))  # before the manifest
+        atomic_write_json(tmp / MANIFEST, manifest)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

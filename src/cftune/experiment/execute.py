@@ -28,12 +28,12 @@ from cftune.experiment.config import Experiment
 from cftune.experiment.data import write_replay, write_task_data
 from cftune.experiment.evaluation import measure
 from cftune.experiment.plan import Runner, Stage, has_weights
-from cftune.experiment.results import collect
+from cftune.experiment.results import collect, write_cards
 from cftune.generate.stage import generate
 from cftune.io import atomic_write_json
 from cftune.locking import output_lock
 from cftune.merge import MergeConfig, merge
-from cftune.train.config import TrainConfig
+from cftune.train.config import TRACKERS, TrainConfig, check_tracker
 from cftune.train.stage import train
 
 
@@ -49,6 +49,10 @@ class RunConfig:
     only: list[str] = field([], "run only these runs (and what they need); the report still "
                             "holds every run of the config evaluated so far")
     dry_run: bool = field(False, "print the stages and whether each is cached, then stop")
+    report_to: str | None = field(None, f"experiment tracker of every training run "
+                                  f"({', '.join(TRACKERS)} or none), each logged under its run's "
+                                  "name; over the config's `train: {report_to: ...}`; in no "
+                                  "stage key")
 
     POSITIONAL = "experiment"  # `cftune run CONFIG`
 
@@ -127,6 +131,9 @@ def execute(runner: Runner, dry_run: bool = False
             state = "to do" if s in todo else "cached" if s.done() else "unneeded"
             print(f"[{i}/{len(listed)}] {s.name:32s} {state:7s} {s.folder}")
         return None
+    for s in todo:  # a missing tracker package fails now, not after hours of other stages
+        if s.action == "train":
+            check_tracker(s.args["settings"].get("report_to", "none"))
     spent: dict[str, list[tuple[float, float]]] = {}  # (seconds, cost) of finished stages
     for i, s in enumerate(todo, 1):
         print(f"== [{i}/{len(todo)}] {s.name} -> {s.folder}{_eta(todo[i - 1:], spent)}",
@@ -145,7 +152,7 @@ def run(config: RunConfig) -> Path | None:
     from cftune.results.tables import print_table
 
     path = Path(config.experiment)
-    exp = Experiment(path, Path(config.out) if config.out else None)
+    exp = Experiment(path, Path(config.out) if config.out else None, report_to=config.report_to)
     runner = Runner(exp, config.only, Path(config.stages) if config.stages else None)
     with contextlib.ExitStack() as locks:
         if not config.dry_run:
@@ -161,6 +168,7 @@ def run(config: RunConfig) -> Path | None:
         # after results.json: a frontier that cannot read its evaluations leaves the rows kept
         write_report(rows, exp.out, y_name=exp.eval.plot_y, comparisons=comparisons,
                      evals=runner.out / "evals")
+        write_cards(runner, rows, comparisons)  # each model folder's README.md, with its numbers
     print_table(rows)
     print(f"wrote {exp.out}/results.csv, results.md, results.json, comparisons.json, "
           f"tradeoff.png (`cftune report {exp.out}` re-renders them)")

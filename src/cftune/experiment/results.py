@@ -1,6 +1,7 @@
 """The runner's results: one row per evaluated model (its metrics, paired metrics against the base,
 its training facts), one row per run group averaging its seeds, and the paired comparisons
-`eval.compare` asks for. The rows are what `cftune.results.report` renders.
+`eval.compare` asks for. The rows are what `cftune.results.report` renders; `write_cards` puts
+each model's yardsticks on its model card (`cftune.card`).
 """
 
 from __future__ import annotations
@@ -8,9 +9,36 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+from cftune import card
 from cftune.errors import CftuneError
 from cftune.experiment.config import CF_METHODS, WISE_FT, Experiment, Run
 from cftune.io import read_json
+from cftune.results.metrics import (
+    BENCH_PAIRED,
+    INSTR_KL,
+    INSTR_NLL_PAIRED,
+    KL,
+    RATIOS,
+    TASK,
+    TASK_NLL,
+)
+from cftune.results.metrics import metric as _metric  # `metric` names a loop variable below
+
+# What a model's card shows against the base (`write_cards`): metric, what it measures.
+CARD_YARDSTICKS = (
+    (TASK, "task accuracy (greedy exact match)"),
+    ("paired/task_acc", "Δ task accuracy"),
+    (TASK_NLL, "task: NLL of the reference solutions, nats/token"),
+    ("paired/task_nll", "Δ task NLL"),
+    (KL, "forgetting: KL(base‖model) on held-out CF samples, nats/sample"),
+    ("kl_per_token", "forgetting: the same, nats/token"),
+    (INSTR_KL, "forgetting: KL(base‖model) on instruction responses, nats/response"),
+    (INSTR_NLL_PAIRED, "forgetting: rise of the instruction references' NLL, nats/token"),
+    (BENCH_PAIRED, "forgetting: mean Δ benchmark accuracy"),
+)
+# Against another run (`eval.compare`): a quantity as a fraction of that run's, seed by seed.
+CARD_RATIOS = dict(zip(RATIOS, ("task gain", "CF KL", "instruction KL",
+                                "instruction reference-NLL rise")))
 
 
 class Plan(Protocol):
@@ -134,3 +162,48 @@ def collect(runner: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             metrics.update(seed_ratios(results["base"], ref, model))
         comparisons.append({"ref": a, "model": b, "metrics": metrics})
     return rows, comparisons
+
+
+def _card_row(label: str, m: dict[str, Any]) -> dict[str, Any]:
+    return {"yardstick": label, "value": m["value"], "ci95": m.get("ci95"), "n": m.get("n")}
+
+
+def card_evaluation(row: dict[str, Any], comparisons: list[dict[str, Any]]
+                    ) -> list[tuple[str, list[dict[str, Any]]]]:
+    """A model's yardsticks for its card: against the base (task gain, forgetting, each
+    benchmark), then every `eval.compare` pair in which it, or its run group, is the model."""
+    rows = [_card_row(label, _metric(row, name)) for name, label in CARD_YARDSTICKS
+            if _metric(row, name)]
+    for name in sorted(n for n in row["metrics"] if n.startswith("bench/") and _metric(row, n)):
+        bench = name.removeprefix("bench/")
+        rows.append(_card_row(f"{bench} accuracy", _metric(row, name)))
+        if _metric(row, f"paired/{bench}"):
+            rows.append(_card_row(f"Δ {bench} accuracy", _metric(row, f"paired/{bench}")))
+    sections = [("Against the base", rows)] if rows else []
+    for c in comparisons:
+        if c["model"] not in (row["run"], row.get("group")):
+            continue
+        ref = c["ref"]
+        found = [_card_row(f"{CARD_RATIOS[n]} as a fraction of {ref}'s", m)
+                 for n, m in c["metrics"].items() if n in CARD_RATIOS and m.get("value") is not None]
+        found += [_card_row(f"Δ {n.removeprefix('paired/')} (model − {ref})", m)
+                  for n, m in sorted(c["metrics"].items())
+                  if n.startswith("paired/") and m.get("value") is not None]
+        over = "" if c["model"] == row["run"] else f" (its run group `{c['model']}`, over seeds)"
+        if found:
+            sections.append((f"Against `{ref}`{over}", found))
+    return sections
+
+
+def write_cards(runner: Plan, rows: list[dict[str, Any]], comparisons: list[dict[str, Any]]
+                ) -> int:
+    """Rewrite the model card (README.md, `cftune.card`) of every evaluated model folder that
+    holds its weights with its evaluation; return how many were written."""
+    written = 0
+    for row in rows:
+        folder = runner.models.get(row["run"])
+        if isinstance(folder, Path) and card.refresh(
+                folder, name=row["run"], task=runner.exp.task.train,
+                evaluation=card_evaluation(row, comparisons)):
+            written += 1
+    return written

@@ -3,7 +3,8 @@ baselines).
 
 `config` (settings and methods), `data` (task rows and CF samples as masked examples), `streams`
 (one run's datasets), `batches` (mixed batches), `trainer` (`CftuneTrainer.compute_loss`: the
-loss), `stage` (the resumable job). The trainer loads transformers' Trainer, so it is imported
+loss), `arguments` (the Trainer's arguments), `folder` (the output folder: done?, resume, save,
+model card, upload), `sdft` (TRL's on-policy self-distillation), `stage` (the job). The trainer loads transformers' Trainer, so it is imported
 from `cftune.train.trainer` itself, not here. The public API:
 """
 

@@ -2,14 +2,17 @@
 
 Each method is a row of `METHODS`: which second data stream it trains on (CF samples, the base's
 contextual answers, a replay corpus) and which loss terms it adds (KD on the stored top-K, L2 to
-the initial weights, LoRA's parameterisation, FLOW's weights). Light on purpose: the CLI and the
-runner read it without loading the trainer.
+the initial weights, LoRA's parameterisation, FLOW's weights); `sdft` is TRL's on-policy
+self-distillation instead (`cftune.train.sdft`). Light on purpose: the CLI and the runner read it
+without loading the trainer (or TRL).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,11 @@ from cftune.train import batches, formats
 LOG = "training_log.jsonl"
 CONFIG = "train_config.json"
 CHECKPOINTS = "checkpoints"
+LOGS = "logs"  # the TensorBoard event files of `report_to: tensorboard`
+# Trackers of `report_to` (transformers' integrations): value -> the module and pip package it needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow",
+            "trackio": "trackio"}
+HUB_REPO = re.compile(r"([\w.-]+/)?[\w.-]+")  # a hub repo id, as `push_to_hub` takes it
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,7 @@ class Method:
     lora: bool = False
     l2: bool = False
     flow: bool = False
+    sdft: bool = False  # TRL's SDFT trainer (cftune.train.sdft), not CftuneTrainer
 
 
 METHODS: dict[str, Method] = {
@@ -49,11 +58,16 @@ METHODS: dict[str, Method] = {
     "replay": Method(stream="replay"),
     "contextual": Method(stream="cf", contextual=True),
     "flow": Method(flow=True),
+    "sdft": Method(sdft=True),
 }
 MODES = ("mix", "weighted")
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 # Fields that do not change the trained model: ignored when deciding whether a run is done.
-NOT_A_SETTING = ("resume", "overwrite", "keep_checkpoints", "chunked_loss", "mmap_threshold")
+NOT_A_SETTING = ("resume", "overwrite", "keep_checkpoints", "chunked_loss", "mmap_threshold",
+                 "report_to", "run_name", "push_to_hub")
+SDFT = "sdft_"  # prefix of the settings of `method: sdft` (TRL's SDFTConfig, cftune.train.sdft)
+SDFT_DISTILLATIONS = ("topk_logits", "full_logits", "sampled_token")  # TRL's distillation_mode
+SDFT_TEACHERS = ("base", "ema", "live")  # TRL's teacher_model_kind
 
 
 @dataclass
@@ -129,6 +143,25 @@ class TrainConfig:
     lora_merge: bool = field(False, help="also save the merged model in OUT/merged")
     l2_lambda: float = field(0.0, help="λ₂ of the L2 penalty toward the initial weights")
     flow_temperature: float = field(0.0, help="FLOW temperature τ (0: median base loss)")
+    # sdft: on-policy self-distillation (arXiv 2601.19897) through TRL's SDFTTrainer
+    sdft_generations: int = field(1, help="sdft: completions the model samples per task prompt "
+                                  "(TRL's num_generations); a micro-batch holds batch_size "
+                                  "distinct prompts x this many completions, so every step sees "
+                                  "batch_size x grad_accum task prompts whatever its value")
+    sdft_max_completion_length: int = field(256, help="sdft: longest sampled completion, in tokens")
+    sdft_distillation: str = field("topk_logits", help="sdft: divergence between the student and "
+                                   "the teacher on the sampled tokens: topk_logits (on the "
+                                   "student's top sdft_topk tokens, TRL's default), full_logits "
+                                   "(the whole vocabulary) or sampled_token (reverse KL on the "
+                                   "sampled token)")
+    sdft_topk: int = field(100, help="sdft: tokens per position of topk_logits")
+    sdft_alpha: float | None = field(None, help="sdft: 0 = forward KL(teacher‖student), 1 = "
+                                     "reverse KL, between: generalised JSD (TRL's "
+                                     "distillation_alpha); unset: 0.5, or 1 for sampled_token")
+    sdft_teacher: str = field("base", help="sdft: the teacher, shown the task's reference "
+                              "response as a demonstration: base (the frozen initial model, TRL's "
+                              "default), ema (a moving average of the student) or live (the "
+                              "student itself)")
     # engine
     eval_task: str | None = field(None, help="held-out task data evaluated every eval_steps")
     eval_cfs: str | None = field(None, help="held-out CF sample folder evaluated every eval_steps")
@@ -140,6 +173,15 @@ class TrainConfig:
     logging_steps: int = field(1, help="log every N steps")
     resume: bool = field(False, help="continue from the last checkpoint in OUT/checkpoints")
     overwrite: bool = field(False, help="replace a finished or partial run in OUT")
+    report_to: str = field("none", help=f"experiment tracker the Trainer logs to ({', '.join(TRACKERS)} "
+                           "or none): loss, task_loss, cf_loss, learning_rate, grad_norm per "
+                           "logged step; tensorboard writes OUT/logs")
+    run_name: str | None = field(None, help="the run's name in the tracker and its model card "
+                                            "(default: OUT's folder name)")
+    push_to_hub: str | None = field(None, help="hub model repo (ORG/NAME) to upload OUT to once "
+                                               "the run is finished: model, tokenizer, card, "
+                                               "manifest and log, not checkpoints (needs a token: "
+                                               "`hf auth login` or HF_TOKEN)")
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -162,12 +204,19 @@ class TrainConfig:
         one_of("overlong", formats.OVERLONG)
         one_of("lr_schedule", SCHEDULES)
         one_of("dtype", (*DTYPES, precision.AUTO))
+        one_of("report_to", ("none", *TRACKERS))
+        if self.push_to_hub is not None and not HUB_REPO.fullmatch(self.push_to_hub):
+            p.append(f"`push_to_hub` = {self.push_to_hub!r} is not a hub repo id (NAME or "
+                     "ORG/NAME: letters, digits, '-', '_', '.')")
+        one_of("sdft_distillation", SDFT_DISTILLATIONS)
+        one_of("sdft_teacher", SDFT_TEACHERS)
         for key in ("cfs_ratio", "cfs_lambda", "l2_lambda", "weight_decay", "max_grad_norm",
                     "warmup", "flow_temperature", "lora_dropout", "epochs"):
             if getattr(self, key) < 0:
                 p.append(f"`{key}` = {getattr(self, key)} must be >= 0")
         for key in ("batch_size", "grad_accum", "lora_rank", "save_steps", "logging_steps",
-                    "group_batches", "task_rows"):
+                    "group_batches", "task_rows", "sdft_generations",
+                    "sdft_max_completion_length", "sdft_topk"):
             if getattr(self, key) < 1:
                 p.append(f"`{key}` = {getattr(self, key)} must be >= 1")
         for key in ("eval_steps", "save_total_limit", "mmap_threshold"):  # 0: never, all, default
@@ -201,6 +250,28 @@ class TrainConfig:
             value = getattr(self, key)
             if value and not value.startswith("builtin:") and not Path(value).exists():
                 p.append(f"`{key}`: {value} not found")
+        return p + self._sdft_problems(method)
+
+    def _sdft_problems(self, method: Method | None) -> list[str]:
+        """The sdft settings' own checks, and what `method: sdft` cannot combine with."""
+        p = []
+        alpha = self.sdft_alpha
+        if alpha is not None and not 0 <= alpha <= 1:
+            p.append(f"`sdft_alpha` = {alpha} must be between 0 and 1")
+        if self.sdft_distillation == "sampled_token" and alpha not in (None, 1.0):
+            p.append(f"`sdft_distillation` sampled_token is the reverse KL: `sdft_alpha` must be "
+                     f"1 or unset (got {alpha})")
+        if not (method and method.sdft):
+            return p
+        if self.lora or self.l2_lambda > 0:
+            p.append("method `sdft` trains every weight with TRL's loss alone: unset `lora` and "
+                     "`l2_lambda`")
+        if self.eval_steps > 0:
+            p.append("method `sdft` has no held-out losses during training: set `eval_steps` 0 "
+                     "(`cftune eval` measures the model afterwards)")
+        if self.shape not in ("auto", "prompt-response"):
+            p.append(f"method `sdft` needs prompt/response task rows (the response is the "
+                     f"teacher's demonstration), not `shape` = {self.shape!r}")
         return p
 
     @property
@@ -212,8 +283,20 @@ class TrainConfig:
         return formats.TaskFormat(**{n: getattr(self, n) for n in names})
 
     def setting(self) -> dict[str, Any]:
-        """The config minus fields that do not change the trained model."""
-        return {k: v for k, v in to_dict(self).items() if k not in NOT_A_SETTING}
+        """The config minus fields that do not change the trained model: those of
+        `NOT_A_SETTING`, and the `sdft_` settings outside `method: sdft` (so a run of another
+        method finished before they existed still counts as finished)."""
+        return {k: v for k, v in to_dict(self).items() if k not in NOT_A_SETTING
+                and (self.spec.sdft or not k.startswith(SDFT))}
+
+
+def check_tracker(report_to: str) -> None:
+    """Refuse, in one line, a `report_to` tracker whose package is not installed: transformers
+    would fail later, in the Trainer, with a traceback."""
+    module = TRACKERS.get(report_to)
+    if module and importlib.util.find_spec(module) is None:
+        raise CftuneError(f"`report_to` = {report_to} needs the {module} package: pip install "
+                          f"{module} (or `report_to` none)")
 
 
 def cf_draws(config: TrainConfig, n_task: int) -> int:

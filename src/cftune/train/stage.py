@@ -10,17 +10,14 @@ overridable `CftuneTrainer.compute_loss`, fed by our batch sampler (mix ratio + 
 and collator. Checkpoints, resume, schedules, mixed precision, gradient accumulation and
 accelerate's DDP/FSDP/DeepSpeed are the Trainer's own.
 
-Output folder (the contract with `eval` and `merge`): a `save_pretrained` model (a LoRA adapter
-for `lora`, plus `merged/` on request) with its tokenizer, `train_config.json` (the resolved
-config), `training_log.jsonl` (one line per step) and `manifest.json`, written last.
+The output folder every method writes (`cftune.train.folder`): a `save_pretrained` model with
+its tokenizer and model card, `train_config.json`, `training_log.jsonl` and `manifest.json`, last.
+`method: sdft` runs TRL's trainer instead (`cftune.train.sdft`), on the same contract.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -28,21 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from cftune import memory, precision
-from cftune.config import to_dict
-from cftune.errors import CftuneError
-from cftune.io import (
-    MANIFEST,
-    atomic_write_json,
-    atomic_write_text,
-    read_json,
-    truncate_to_last_newline,
-)
 from cftune.locking import output_locked
 from cftune.models import load_model, load_tokenizer, resolve_device
 from cftune.prompts import known_doc_start
-from cftune.provenance import package_versions
-from cftune.train import batches, data
-from cftune.train.config import CHECKPOINTS, CONFIG, LOG, TrainConfig, chunked_loss
+from cftune.train import batches, folder
+from cftune.train.arguments import tensorboard_in, training_arguments
+from cftune.train.config import (
+    LOG,
+    LOGS,
+    TrainConfig,
+    check_tracker,
+    chunked_loss,
+)
 from cftune.train.streams import (
     apply_flow_weights,
     build_data,
@@ -73,109 +67,7 @@ def build_model(config: TrainConfig):
     return model, anchors
 
 
-def training_arguments(config: TrainConfig, out: Path, dtype: str):
-    """The Trainer's arguments; `dtype` is `config.dtype` resolved (never `auto`)."""
-    from transformers import TrainingArguments
-
-    device = resolve_device(config.device)
-    half = dtype != "fp32"
-    return TrainingArguments(
-        output_dir=str(out / CHECKPOINTS), max_steps=config.max_steps if config.max_steps else -1,
-        num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum, learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_schedule,
-        warmup_steps=int(config.warmup) if config.warmup >= 1 else config.warmup,
-        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
-        activation_checkpointing=config.gradient_checkpointing, seed=config.seed,
-        data_seed=config.seed, use_cpu=device.type == "cpu",
-        # On CPU "bf16" is bf16 autocast over fp32 weights (cftune.models.autocast); fp16 autocast
-        # has no CPU kernels worth using, so it maps to bf16 there too.
-        bf16=half and (dtype == "bf16" or device.type == "cpu"),
-        fp16=half and dtype == "fp16" and device.type != "cpu",
-        logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        eval_strategy="steps" if config.eval_steps else "no", eval_steps=config.eval_steps or None,
-        report_to="none", remove_unused_columns=False, dataloader_num_workers=0,
-        disable_tqdm=False, logging_nan_inf_filter=False,
-    )
-
-
 # ---------------------------------------------------------------------------------- the stage
-def _finished(out: Path, config: TrainConfig, inputs: dict[str, str]) -> bool:
-    """True when OUT holds a finished run of the same settings; an error for a different one
-    (unless `overwrite`, which always trains afresh)."""
-    if config.overwrite:
-        return False
-    if not (out / MANIFEST).is_file():
-        partial = (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).iterdir())
-        if partial and not config.resume:
-            raise CftuneError(f"{out}: an unfinished run is there; pass --resume to continue it "
-                              f"or --overwrite to start again")
-        return False
-    manifest = read_json(out / MANIFEST)
-    if manifest.get("setting") == config.setting() and manifest.get("inputs") == inputs:
-        return True
-    raise CftuneError(f"{out}: holds a finished run with other settings or inputs; choose "
-                      f"another --out or pass --overwrite")
-
-
-def _inputs(config: TrainConfig) -> dict[str, str]:
-    """Content hashes of what the run reads: the same settings on changed files is a new run."""
-    from cftune.models import fingerprint
-
-    keys = {"model": fingerprint(config.model)}
-    for key in ("task", "cfs", "replay", "eval_task", "eval_cfs"):
-        value = getattr(config, key)
-        if value and not str(value).startswith("builtin:"):
-            keys[key] = data.file_key(value)
-    return keys
-
-
-def last_checkpoint(folder: Path) -> str | None:
-    """The newest complete checkpoint in `folder`, deleting half-saved ones (None: none).
-
-    The Trainer writes a checkpoint's `trainer_state.json` after its weights, optimizer and RNG
-    states, so one without a readable state was cut short by a kill (issue 15: kill -9 anywhere);
-    resuming from it would fail or load a half-written optimizer. One at the last step is passed
-    over (see `NoFinalCheckpoint`).
-    """
-    found = []
-    for path in folder.glob("checkpoint-*") if folder.is_dir() else ():
-        step = path.name.removeprefix("checkpoint-")
-        if not (path.is_dir() and step.isdigit()):
-            continue
-        try:
-            state = json.loads((path / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            shutil.rmtree(path, ignore_errors=True)
-            continue
-        if not 0 < state.get("max_steps", 0) <= state.get("global_step", 0):
-            found.append((int(step), path))
-    return str(max(found)[1]) if found else None
-
-
-def _prepare_out(out: Path, config: TrainConfig) -> str | None:
-    """Clear or keep OUT; return the checkpoint to resume from (None: start fresh)."""
-    if config.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    last = last_checkpoint(out / CHECKPOINTS) if config.resume else None
-    log = out / LOG
-    if config.resume and last:
-        step = read_json(Path(last) / "trainer_state.json")["global_step"]
-        truncate_to_last_newline(log)  # a line torn by a kill
-        lines = log.read_text().splitlines() if log.exists() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
-        log.write_text("".join(ln + "\n" for ln in kept))  # drop steps the resumed run redoes
-        print(f"cftune train: resuming from {last} (step {step})")
-        return last
-    if config.resume:
-        print(f"cftune train: no checkpoint in {out / CHECKPOINTS}; starting from scratch")
-    log.unlink(missing_ok=True)
-    return None
-
-
 @output_locked
 def train(config: TrainConfig, callbacks: Sequence[Any] = (), trainer_cls: type | None = None) -> Path:
     """Fine-tune `config.model` on `config.task` with `config.method`; return the output folder.
@@ -187,12 +79,17 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), trainer_cls: type 
     # other commands (and this package's config, read by the CLI) should not pay.
     from cftune.train.trainer import CftuneTrainer, NoFinalCheckpoint, QuietProgress
 
+    if config.spec.sdft:  # TRL's trainer, on the same output contract (cftune.train.sdft)
+        from cftune.train.sdft import train_sdft
+
+        return folder.publish(train_sdft(config, callbacks), config)
     out = Path(config.out)
-    inputs = _inputs(config)
-    if _finished(out, config, inputs):
+    inputs = folder.inputs_of(config)
+    if folder.finished(out, config, inputs):
         print(f"cftune train: {out} already holds this run (same settings and inputs); skipping")
-        return out
-    resume_from = _prepare_out(out, config)
+        return folder.publish(out, config)
+    check_tracker(config.report_to)
+    resume_from = folder.prepare(out, config)
     mmap_threshold = memory.set_mmap_threshold(config.mmap_threshold)
     tokenizer = load_tokenizer(config.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -218,6 +115,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), trainer_cls: type 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     trainer.add_callback(NoFinalCheckpoint())
+    tensorboard_in(trainer, out / LOGS)
     ran = trainer.accelerator.distributed_type.value
     if (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and ran != "FSDP"
             and trainer.args.process_index == 0):
@@ -229,8 +127,8 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = (), trainer_cls: type 
              "chunked_loss": chunked_loss(config, args.device), "mmap_threshold": mmap_threshold,
              "distributed": _distributed_facts(trainer.accelerator),
              "doc_start_ids": known_doc_start(tokenizer, config.doc_start)}
-    return _save(trainer, tokenizer, config, out, inputs, counts, facts, result,
-                 time.perf_counter() - started)
+    return folder.publish(folder.save(trainer, tokenizer, config, out, inputs, counts, facts, result,
+                          time.perf_counter() - started), config)
 
 
 def _distributed_facts(accelerator) -> dict[str, Any]:
@@ -242,33 +140,3 @@ def _distributed_facts(accelerator) -> dict[str, Any]:
     return facts
 
 
-def _save(trainer, tokenizer, config: TrainConfig, out: Path, inputs: dict[str, str],
-          counts: dict[str, data.Counts], facts: dict[str, Any], result, seconds: float) -> Path:
-    """Model, tokenizer, resolved config, then the manifest (last: its presence means done)."""
-    trainer.save_model(str(out))
-    if trainer.args.should_save:  # Trainer pickles its arguments: a model folder holds
-        # safetensors, JSON and the tokenizer only (issue 15), so they are kept as JSON instead
-        (out / "training_args.bin").unlink(missing_ok=True)
-        atomic_write_text(out / "training_args.json", trainer.args.to_json_string() + "\n")
-    tokenizer.save_pretrained(str(out))
-    model = trainer.model
-    if hasattr(model, "merge_and_unload") and config.lora_merge:
-        merged = model.merge_and_unload()
-        merged.save_pretrained(str(out / "merged"))
-        tokenizer.save_pretrained(str(out / "merged"))
-    atomic_write_json(out / CONFIG, {**to_dict(config), "inputs": inputs})
-    log = [json.loads(ln) for ln in (out / LOG).read_text().splitlines() if ln.strip()] \
-        if (out / LOG).exists() else []
-    train_logs = [r for r in log if "loss" in r]
-    atomic_write_json(out / MANIFEST, {
-        "stage": "train", "setting": config.setting(), "inputs": inputs,
-        "counts": {k: dataclasses.asdict(v) for k, v in counts.items()},
-        "steps": trainer.state.global_step, "train_loss": result.training_loss,
-        "final": train_logs[-1] if train_logs else None, **facts,
-        "seconds": round(seconds, 2), "adapter": (out / "adapter_config.json").is_file(),
-        "versions": package_versions(),
-    })
-    if not config.keep_checkpoints:  # only an unfinished run needs them (--resume)
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    print(f"cftune train: wrote {out} ({trainer.state.global_step} steps, {seconds:.0f} s)")
-    return out
