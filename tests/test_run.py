@@ -87,6 +87,16 @@ def test_runner_writes_results_and_caches_every_stage(tiny_model, tmp_path, caps
     run(RunConfig(experiment=str(memory), out=str(out)))
     assert stages_run(capsys.readouterr().out) == []
 
+    # Naming a run's frontier family redoes nothing and reaches its report row.
+    family = write_config(tmp_path, tiny_model, runs=[
+        {"name": "full", "method": "full"},
+        {"name": "cfs", "method": "cfs", "cfs_ratio": 1.0, "learning_rate": 5e-4},
+        {"name": "wise", "method": "wise-ft", "of": "full", "alphas": [0.5], "family": "full"}])
+    run(RunConfig(experiment=str(family), out=str(out)))
+    assert stages_run(capsys.readouterr().out) == []
+    rows = {r["run"]: r for r in json.loads((out / "results.json").read_text())}
+    assert rows["wise-a0.5"]["family"] == "full" and "family" not in rows["cfs"]
+
 
 def test_sweep_expands_into_runs_and_dry_run_lists_stages(tiny_model, tmp_path, capsys):
     path = write_config(tmp_path, tiny_model, runs=[
@@ -210,6 +220,25 @@ def test_extends_takes_the_parents_settings_section_by_section(tiny_model, tmp_p
     parent.write_text(parent.read_text() + "extends: child.yaml\n")
     with pytest.raises(CftuneError, match="makes a cycle of configs"):
         Experiment(child)
+
+
+def test_a_run_names_the_frontier_family_it_joins(tiny_model, tmp_path):
+    """`family:` puts a run on another run's curve (`cftune.results.frontier`), on every copy of
+    a sweep and of a Wise-FT run; it is a name, and not a setting: the stage keys stay."""
+    plain = Experiment(write_config(tmp_path, tiny_model))
+    path = write_config(tmp_path, tiny_model, runs=[
+        {"name": "full", "method": "full"},
+        {"name": "big", "method": "full", "family": "full", "sweep": {"learning_rate": [0.1]}},
+        {"name": "cfs", "method": "cfs", "cfs_ratio": 1.0},
+        {"name": "wise", "method": "wise-ft", "of": "full", "alphas": [0.5], "family": "merged"}])
+    exp = Experiment(path)
+    assert {r.name: r.family for r in exp.runs} == {
+        "full": None, "big-learning_rate=0.1": "full", "cfs": None, "wise-a0.5": "merged"}
+    full = next(r for r in exp.runs if r.name == "full")
+    assert exp.train_config(full) == plain.train_config(plain.runs[0])
+    path = write_config(tmp_path, tiny_model, runs=[{"name": "x", "method": "full", "family": 3}])
+    with pytest.raises(CftuneError, match=r"runs\[0\]: `family` = 3 must be a name"):
+        Experiment(path)
 
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

@@ -45,7 +45,7 @@ from cftune.train.config import TrainConfig, cf_draws
 WISE_FT = "wise-ft"
 CF_METHODS = ("cfs", "kd")  # methods that consume the CF training pool
 STREAM_METHODS = CF_METHODS + ("contextual", "replay")  # methods with a second data stream
-RUN_KEYS = ("name", "method", "of", "alphas", "sweep", "seeds", "cf")
+RUN_KEYS = ("name", "method", "of", "alphas", "sweep", "seeds", "cf", "family")
 CF_SWEEP = "cf."  # `sweep: {cf.temperature: [...]}` sweeps a setting of the run's CF pool
 RUNNER_SET_CF = ("model", "out", "num_samples")  # cf settings the runner sets
 PROMPTS = ("chat", "qa")  # task prompt formats (cftune.prompts), the same in every stage
@@ -174,6 +174,7 @@ class Run:
     cf: dict[str, Any] = dataclasses.field(default_factory=dict)
     of: str | None = None
     alpha: float | None = None
+    family: str | None = None  # the frontier family it joins (default: from its name)
 
     @property
     def pool(self) -> tuple[tuple[str, Any], ...]:
@@ -301,6 +302,10 @@ class Experiment:
                 raise CftuneError(f"{where}: each run needs a `name` and a `method`")
             settings = {k: v for k, v in run.items() if k not in RUN_KEYS}
             seeds = self._run_seeds(run.get("seeds"), where)
+            family = run.get("family")
+            if family is not None and (not isinstance(family, str) or not family):
+                raise CftuneError(f"{where}: `family` = {family!r} must be a name (the frontier "
+                                  f"family the run joins)")
             cf = self._cf_overrides(run.get("cf") or {}, run, f"{where}: cf")
             if run["method"] == WISE_FT:
                 if "of" not in run or "alphas" not in run:
@@ -310,7 +315,8 @@ class Experiment:
                                       f"({', '.join(sorted(settings))})")
                 for a in run["alphas"]:
                     specs.append({"name": f"{run['name']}-a{a}", "method": WISE_FT,
-                                "of": str(run["of"]), "alpha": float(a), "seeds": seeds})
+                                "of": str(run["of"]), "alpha": float(a), "seeds": seeds,
+                                "family": family})
                 continue
             _check_train_keys({**settings, "method": run["method"]}, where)
             sweep = run.get("sweep") or {}
@@ -326,6 +332,7 @@ class Experiment:
                     extra = {} if key is None or on_cf else {key: v}
                     cf_extra = {key.removeprefix(CF_SWEEP): v} if on_cf else {}
                     specs.append({"name": name, "method": run["method"], "seeds": seeds,
+                                "family": family,
                                 "settings": {**self.train_defaults, **settings, **extra},
                                 "cf": self._cf_overrides({**cf, **cf_extra}, run,
                                                          f"{where}: sweep")})
@@ -410,7 +417,7 @@ class Experiment:
                 out.append(Run(name=r["name"] + tag, method=r["method"], group=r["name"], seed=s,
                                settings=r.get("settings") or {}, cf=r.get("cf") or {},
                                of=r["of"] + tag if merge else None,
-                               alpha=r["alpha"] if merge else None))
+                               alpha=r["alpha"] if merge else None, family=r.get("family")))
         return out
 
     def _check_equal_task_batches(self) -> None:

@@ -120,6 +120,8 @@ def collect(runner: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
                "parent": run.of if run else None, "alpha": run.alpha if run else None,
                "metrics": dict(results[name]["metrics"]), "steps": None, "tokens": None,
                "wall_time_s": None, "stream_capped": None}
+        if run is not None and run.family:  # the frontier family it joins (results.frontier)
+            row["family"] = run.family
         if run is not None and run.method != WISE_FT:
             row.update(_training_facts(Path(model)))
             if row["stream_capped"] is not None and row["method"] == "contextual":
