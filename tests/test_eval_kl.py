@@ -239,9 +239,9 @@ def test_base_kl_is_zero_in_every_precision(tiny_model, stored_in, tmp_path, cap
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_runner_base_kl_is_zero_and_fp32_unchanged(tiny_model, stored_in, tmp_path, dtype):
     """The runner draws its held-out set in `eval.score_dtype` and evaluates each model as
-    `cftune.experiment.execute.perform` does, with no reference of its own: `kl_to_base`
-    re-scores the base, so KL(base ‖ base) is 0 in bf16 and fp16 too; in fp32 the stored
-    `logp_base` stays the reference, so every committed (fp32) evaluation keeps its numbers."""
+    `cftune.experiment.execute.perform` does: `evaluate_model` re-scores the base, so KL(base ‖
+    base) is 0 in bf16 and fp16 too; in fp32 the stored `logp_base` stays the reference, so
+    every committed (fp32) evaluation keeps its numbers."""
     from cftune.evaluate.model import evaluate_model
     from cftune.experiment.config import Experiment
     from cftune.experiment.evaluation import measure
@@ -262,3 +262,26 @@ def test_runner_base_kl_is_zero_and_fp32_unchanged(tiny_model, stored_in, tmp_pa
     if dtype == "fp32":  # the stored logp_base minus the scorer's, as before the fix
         alone = kl_to_base(load_model(base, device="cpu"), held, batch_size=8, limit=8)
         assert row["items"]["kl"] == alone["per_sample"]
+
+
+def test_the_base_is_rescored_once_for_every_model(tiny_model, stored_in, tmp_path, monkeypatch):
+    """`evaluate_model` (`cftune eval` and the runner) re-scores the base for a bf16 KL, and with
+    the cache on (`cftune eval`'s default) once: a second model (here the base again, under
+    another name) does not load the base again."""
+    import cftune.evaluate.model as model_module
+    from cftune.evaluate.measure import Measure
+
+    monkeypatch.setenv("CFTUNE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = model_module.base_reference
+    monkeypatch.setattr(model_module, "base_reference",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    m = Measure(kl_samples=stored_in["bf16"], score_dtype="bf16", batch_size=8, device="cpu",
+                cache=True)
+    base = str(tiny_model)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy)
+    for spec in (base, copy):
+        row = model_module.evaluate_model(spec, m, fingerprint(base), fingerprint(spec))
+        assert_base_kl_is_zero(row["items"]["kl"], "bf16")
+    assert len(calls) == 1

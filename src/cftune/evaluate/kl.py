@@ -163,10 +163,10 @@ def kl_to_base(model, samples_folder: str | Path, batch_size: int = 8, dtype: st
     precision as the model (`base_reference`), used instead of the stored `logp_base` whenever
     scoring is not fp32 or `logp_base` is not (`needs_reference`: a bf16 model against fp32
     `logp_base` carries a rounding offset, +0.13 nats per sample for SmolLM2, and bf16
-    `logp_base` from the sampler's cached passes another, 0.073). Not given where it is needed,
-    it is computed here from the model the manifest names (the one `logp_base` is of), with
-    this `batch_size` on the model's device: every caller, the runner's evaluations included,
-    gets it (issue 32, item 5). The stored-minus-reference gap is then reported as
+    `logp_base` from the sampler's cached passes another, 0.073). `evaluate_model` passes it
+    (computed once per base, cached); not given where it is needed, it is computed here from the
+    model the manifest names (the one `logp_base` is of), with this `batch_size` on the model's
+    device, so a direct call gets it too (issue 32, item 5). The stored-minus-reference gap is then reported as
     `reference_residual`, a diagnostic that is never subtracted. For the base itself the result
     is then exactly 0, and in fp32 without a reference the recomputation error, ~1e-5 nats per
     sample (not forced to 0, so a wrong sample set shows up).

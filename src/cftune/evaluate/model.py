@@ -25,6 +25,7 @@ from typing import Any
 
 import cftune.evaluate.benchmarks as benchmarks
 from cftune import precision
+from cftune.errors import CftuneError
 from cftune.evaluate.instructions import (
     PROMPTS_FILE,
     RESPONSES,
@@ -32,25 +33,25 @@ from cftune.evaluate.instructions import (
     instruction_spec,
     reference_nll,
 )
-from cftune.evaluate.kl import kl_to_base
+from cftune.evaluate.kl import base_reference, kl_to_base, needs_reference
 from cftune.evaluate.measure import VERSION, Measure
 from cftune.evaluate.multiple_choice import run_benchmark
 from cftune.evaluate.perplexity import perplexity
 from cftune.evaluate.task_accuracy import answer_nll, decoder, task_accuracy
 from cftune.generate.samples import samples_file
-from cftune.models import cache_dir, load_model, load_tokenizer, weight_dtype
+from cftune.io import read_manifest
+from cftune.models import cache_dir, load_model, load_tokenizer, resolve_device, weight_dtype
 from cftune.provenance import package_versions
 
 # The normal quantile of the report's 95% intervals, as every committed evaluation used it.
 Z = 1.96
 def evaluate_model(spec: str | Path, m: Measure, base_fp: str, fp: str | None = None,
-                   base_tokenizer: Any = None, kl_reference: list[float] | None = None,
-                   tokenizer: Any = None) -> dict[str, Any]:
+                   base_tokenizer: Any = None, tokenizer: Any = None) -> dict[str, Any]:
     """Every metric `m` asks for on model `spec`: {"model", "metrics", "items", "raw",
     "seconds", "versions"}. `base_fp` identifies the base the KLs are against; `fp` the model's
     content (the cache key; None: no cache); `base_tokenizer` the base's (default: the
-    model's, whose vocabulary must then be the base's); `kl_reference` the base's log-probs of
-    the KL samples re-scored in `score_dtype` (`cftune.evaluate.kl.base_reference`)."""
+    model's, whose vocabulary must then be the base's). Where a KL needs the base re-scored in
+    `score_dtype` (`kl.needs_reference`), that is done once per base and cached (`_reference`)."""
     started = time.perf_counter()
     tokenizer = tokenizer or load_tokenizer(spec)  # the caller's, where it checked the vocabulary
     base_tokenizer = base_tokenizer or tokenizer
@@ -69,11 +70,12 @@ def evaluate_model(spec: str | Path, m: Measure, base_fp: str, fp: str | None = 
         raw.append(("task_nll", m.task.stem, cached(key, lambda: answer_nll(
             model, tokenizer, m.task, m.task_limit, m.prompt, bs, dt))))
     if m.kl_samples is not None:
+        reference = _reference(m, m.kl_samples, base_fp, m.kl_limit)
         key = {"kind": "kl", "samples": file_hash(samples_file(m.kl_samples)),
-               "limit": m.kl_limit, "force": m.force_kl, "reference": kl_reference is not None}
+               "limit": m.kl_limit, "force": m.force_kl, "reference": reference is not None}
         raw.append(("kl", "kl", cached(key, lambda: kl_to_base(
             model, m.kl_samples, bs, dt, m.force_kl, m.kl_limit, base_fp, base_tokenizer,
-            kl_reference))))
+            reference))))
     for entry in m.bench:
         bench, path = benchmarks.resolve(entry, m.data_dir)
         key = {"kind": "bench", "data": benchmarks.content_hash(path, bench),
@@ -84,7 +86,8 @@ def evaluate_model(spec: str | Path, m: Measure, base_fp: str, fp: str | None = 
     if m.instructions is not None:
         key = {"kind": "instr_kl", "samples": file_hash(samples_file(m.instructions / RESPONSES))}
         raw.append(("instr_kl", "instr_kl", cached(key, lambda: instruction_kl(
-            model, m.instructions, bs, dt, base_fp, base_tokenizer))))
+            model, m.instructions, bs, dt, base_fp, base_tokenizer,
+            _reference(m, m.instructions / RESPONSES, base_fp)))))
         posed = instruction_spec(base_tokenizer, m.doc_start)
         key = {"kind": "instr_ref_nll", "data": file_hash(m.instructions / PROMPTS_FILE),
                "prompt": dataclasses.asdict(posed)}
@@ -190,6 +193,28 @@ def _metric(result: dict[str, Any], key: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the result cache
 def file_hash(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:20]
+
+
+def _reference(m: Measure, samples: Path, base_fp: str, limit: int | None = None
+               ) -> list[float] | None:
+    """`kl.base_reference` for a KL's samples in `m.score_dtype`, cached per base (every model of
+    an evaluation or an experiment reuses it); None where the stored fp32 `logp_base` serves.
+    Its key, unlike the others, holds the batch size and device: in bf16 or fp16 they change the
+    rounding, and the reference must round as the model's own scoring does, so that KL(base ‖
+    base) is 0 (issue 32, item 5). The base is the model the samples' manifest names (the one
+    `logp_base` is of; `kl.check_manifest` holds it to `base_fp`)."""
+    if not needs_reference(samples, m.score_dtype):
+        return None
+    base = read_manifest(samples).get("model")
+    if not base:
+        raise CftuneError(f"{Path(samples) / 'manifest.json'}: names no `model` to re-score "
+                          f"`logp_base` with, which the KL in {m.score_dtype} needs; score in "
+                          "fp32 or draw the samples again with `cftune generate`")
+    device = resolve_device(m.device).type
+    key = {"kind": "kl_reference", "samples": file_hash(samples_file(samples)), "limit": limit,
+           "dtype": m.score_dtype, "batch_size": m.batch_size, "device": device}
+    return cached_result(m.cache, base_fp, key, lambda: {"logps": base_reference(
+        base, samples, m.score_dtype, limit, m.batch_size, device)})["logps"]
 
 
 def cached_result(use: bool, model_fp: str, key: dict, compute: Callable[[], dict]) -> dict:

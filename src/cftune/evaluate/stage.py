@@ -16,22 +16,19 @@ from pathlib import Path
 import cftune.evaluate.benchmarks as benchmarks
 from cftune.config import field, to_dict
 from cftune.errors import CftuneError
-from cftune.evaluate.kl import base_reference, needs_reference
 from cftune.evaluate.measure import Scoring
-from cftune.evaluate.model import Measure, cached_result, evaluate_model, file_hash
+from cftune.evaluate.model import Measure, evaluate_model
 from cftune.evaluate.report import build_entries, write
 from cftune.evaluate.responses import draw_responses
 from cftune.evaluate.task_accuracy import (
     PROMPTS,
 )
-from cftune.generate.samples import samples_file
 from cftune.io import atomic_write_json
 from cftune.locking import output_locked
 from cftune.models import (
     DEFAULT_MODEL,
     fingerprint,
     load_tokenizer,
-    resolve_device,
 )
 from cftune.prompts import PromptSpec
 from cftune.results.tables import comparisons_markdown, paired_markdown
@@ -158,21 +155,6 @@ def paired_results(results: dict[str, dict], base: str, compare: list[str]
     return paired, comparisons
 
 
-def kl_reference(config: EvalConfig, base_fp: str) -> list[float] | None:
-    """`kl.base_reference` for the KL samples in `score_dtype`, cached like every result. Its
-    key, unlike the others, holds the batch size and device: in bf16 or fp16 they change the
-    rounding, and the reference must round as the base's own scoring does, so that KL(base ‖
-    base) is 0 (issue 32, item 5)."""
-    if not config.kl_samples or not needs_reference(config.kl_samples, config.score_dtype):
-        return None
-    key = {"kind": "kl_reference", "samples": file_hash(samples_file(config.kl_samples)),
-           "dtype": config.score_dtype, "batch_size": config.batch_size,
-           "device": resolve_device(config.device).type}
-    return cached_result(config.cache, base_fp, key, lambda: {"logps": base_reference(
-        config.base, config.kl_samples, config.score_dtype, None, config.batch_size,
-        config.device)})["logps"]
-
-
 @output_locked
 def evaluate(config: EvalConfig) -> dict:
     """Score the base and every model, print the comparison table, write `out/eval.json` and
@@ -190,14 +172,13 @@ def evaluate(config: EvalConfig) -> dict:
         tokenizers[spec] = load_tokenizer(spec)
         check_vocab(spec, tokenizers[spec], config.base, base_tokenizer)
     fps = {spec: fingerprint(spec) for spec in specs}
-    reference = kl_reference(config, fps[config.base])
     instr = instruction_responses(config, fps[config.base])
     m = measure(config, instr)
     results = {}
     for spec in specs:
         print(f"cftune eval: {spec}")
         results[spec] = evaluate_model(spec, m, fps[config.base], fps[spec], base_tokenizer,
-                                       reference, tokenizers[spec])
+                                       tokenizers[spec])
     paired, comparisons = paired_results(results, config.base, config.compare)
     entries = build_entries({s: r["metrics"] for s, r in results.items()}, config.base)
     models = [{"spec": s, "fingerprint": fps[s], "role": "base" if s == config.base else "model"}
