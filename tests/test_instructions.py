@@ -17,6 +17,7 @@ from test_eval_kl import perturb
 from cftune.cli import main
 from cftune.errors import CftuneError
 from cftune.evaluate.instructions import (
+    PROMPTS_FILE,
     RESPONSES,
     Instruction,
     compare_per_prompt,
@@ -168,6 +169,33 @@ def test_responses_answer_prompt_i_mod_p(setup):
     before = (setup["folder"] / RESPONSES / "samples.jsonl").stat().st_mtime_ns
     draw_responses(setup["base"], setup["file"], 3, 12, out=setup["folder"], device="cpu")
     assert (setup["folder"] / RESPONSES / "samples.jsonl").stat().st_mtime_ns == before
+
+
+def test_a_kept_folder_is_restored_not_drawn_again(setup, tmp_path, monkeypatch):
+    """A clone holds `responses/kept.jsonl` and the manifest only (no prompts: they are the
+    instruction file's): the responses come back exactly, without sampling; with prompts posed
+    otherwise (another instruction file) the restore refuses instead of mispairing them."""
+    import shutil
+
+    import cftune.generate.stage as stage
+    from cftune.evaluate.responses import KEPT
+
+    kept = (setup["folder"] / RESPONSES / KEPT).read_text()
+    assert kept and "prompt_ids" not in kept and INSTRUCTIONS[0]["prompt"] not in kept
+    clone = tmp_path / "clone"
+    (clone / RESPONSES).mkdir(parents=True)
+    for name in (KEPT, "manifest.json"):
+        shutil.copy(setup["folder"] / RESPONSES / name, clone / RESPONSES / name)
+    monkeypatch.setattr(stage, "generate", lambda config: pytest.fail("drew the responses again"))
+    draw_responses(setup["base"], setup["file"], 3, 12, out=clone, device="cpu")
+    assert list(iter_samples(clone / RESPONSES)) == list(iter_samples(setup["folder"] / RESPONSES))
+
+    other = write_jsonl(tmp_path / "other.jsonl", [
+        {**r, "prompt": r["prompt"] + " Please."} for r in INSTRUCTIONS])
+    (clone / RESPONSES / "samples.jsonl").unlink()
+    (clone / PROMPTS_FILE).unlink()
+    with pytest.raises(CftuneError, match=r"kept.jsonl line 1: its prompt is not posed as"):
+        draw_responses(setup["base"], other, 3, 12, out=clone, device="cpu")
 
 
 def test_instruction_kl_base_zero_perturbed_positive(setup):

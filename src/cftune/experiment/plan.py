@@ -20,6 +20,7 @@ from cftune.evaluate.measure import VERSION as METRICS_VERSION
 from cftune.experiment.config import CF_METHODS, STREAM_METHODS, WISE_FT, Experiment
 from cftune.experiment.config import stage_key as _key
 from cftune.generate.config import GenerateConfig, engine_settings, without_later_defaults
+from cftune.generate.samples import SAMPLES_JSONL
 from cftune.io import read_json
 from cftune.models import fingerprint
 from cftune.train.config import NOT_A_SETTING
@@ -170,10 +171,12 @@ class Runner:
 
         n = e.instruction_samples * (e.instruction_limit or 175)  # a cost estimate only
         self._add(f"generate instructions ({n} responses)", folder, "instructions",
-                  # the instructions file is re-read from the config's where a committed
-                  # folder was kept without it (a copy of data the repository must not hold)
+                  # a committed folder keeps the responses without their prompts (a copy of
+                  # data the repository must not hold): the prompts are read again from the
+                  # config's file and the responses restored, not drawn (evaluate.responses)
                   lambda: (folder / RESPONSES / "manifest.json").is_file()
-                  and (folder / PROMPTS_FILE).is_file(),
+                  and (folder / PROMPTS_FILE).is_file()
+                  and (folder / RESPONSES / SAMPLES_JSONL).is_file(),
                   cost=n * e.instruction_max_new_tokens)
         return folder
 
