@@ -6,6 +6,7 @@ each model's yardsticks on its model card (`cftune.card`).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -60,10 +61,21 @@ def _same_samples(rows: list[dict[str, Any]], out: Path) -> None:
     for metric, what in (("kl", "held-out CF samples"), ("instr_kl", "base's instruction "
                                                                     "responses")):
         sets: dict[str, list[str]] = {}
+        unknown = []  # scored before the digest was recorded: on which set, nothing says
         for r in rows:
-            digest = (r["metrics"].get(metric) or {}).get("samples_digest")
-            if digest is not None:  # None: scored before the digest was recorded
+            if metric not in r["metrics"]:
+                continue
+            digest = r["metrics"][metric].get("samples_digest")
+            if digest is None:
+                if r["run"] != "base":  # the base's KL is 0 on any set
+                    unknown.append(r["run"])
+            else:
                 sets.setdefault(digest, []).append(r["run"])
+        if sets and unknown:
+            print(f"cftune run: WARNING: {out}: {metric} of {', '.join(unknown)} was scored "
+                  f"before sample sets were recorded, that of {', '.join(sum(sets.values(), []))} "
+                  f"on a recorded set: their {what} may differ, so compare their {metric} as "
+                  "independent estimates, not item by item", file=sys.stderr)
         if len(sets) > 1:
             groups = "; ".join(", ".join(runs) for runs in sets.values())
             raise CftuneError(f"{out}: {metric} was scored on {len(sets)} different sets of the "
