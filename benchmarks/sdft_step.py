@@ -22,20 +22,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from train_throughput import GSM8K, task_file  # the same rows as the training benchmark
+
 from cftune.models import DEFAULT_MODEL
-from cftune.tasks import resolve_task, write_jsonl
 from cftune.train.config import LOG, TrainConfig
 from cftune.train.stage import train
-
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
-
-
-def task_file(folder: Path, rows: int, given: str | None = None) -> Path:
-    source = Path(given) if given else GSM8K
-    if source.is_file():
-        lines = source.read_text().splitlines()[:rows]
-        return write_jsonl([json.loads(x) for x in lines], folder / "task.jsonl")
-    return write_jsonl(resolve_task("builtin:arithmetic", "train", rows), folder / "task.jsonl")
 
 
 def seconds_per_step(config: TrainConfig) -> float:

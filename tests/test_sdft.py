@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_train import assert_run_folder
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from cftune.cli import main
@@ -69,11 +70,7 @@ def test_cli_sdft_run_writes_the_output_folder_of_every_method(tiny_model, task,
             "--batch-size", "2", "--learning-rate", "1e-2", "--dtype", "fp32", "--device", "cpu",
             "--warmup", "0", "--sdft-max-completion-length", "6", "--out", str(out)]
     assert main(argv) == 0
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json",
-                 "training_log.jsonl", "manifest.json"):
-        assert (out / name).is_file(), name
-    assert max(p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()) == \
-        (out / "manifest.json").stat().st_mtime_ns
+    assert_run_folder(out)
     assert not (out / "checkpoints").exists()
     log = read_log(out)
     assert [r["step"] for r in log] == [1, 2]

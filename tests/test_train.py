@@ -52,6 +52,15 @@ def config(files, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def assert_run_folder(out: Path) -> None:
+    """OUT holds the contract of every method (model, tokenizer, config, log), manifest last."""
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json",
+                 "training_log.jsonl", "manifest.json"):
+        assert (out / name).is_file(), name
+    assert max(p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()) == \
+        (out / "manifest.json").stat().st_mtime_ns
+
+
 def read_log(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "training_log.jsonl").read_text().splitlines()]
 
@@ -65,11 +74,7 @@ def test_cli_run_writes_a_loadable_model_config_log_and_manifest_last(files, tmp
     argv = ["train", "--config", str(tmp_path / "train.yaml"), "--max-steps", "3",
             "--learning-rate", "1e-3", "--out", str(out)]
     assert main(argv) == 0
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json",
-                 "training_log.jsonl", "manifest.json"):
-        assert (out / name).is_file(), name
-    assert max(p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()) == \
-        (out / "manifest.json").stat().st_mtime_ns
+    assert_run_folder(out)
     log = read_log(out)
     assert [r["step"] for r in log] == [1, 2, 3]  # flags override the YAML's max_steps
     assert all({"task_loss", "cf_loss", "learning_rate", "tokens_per_s"} <= set(r) for r in log)
