@@ -17,6 +17,7 @@ from cftune.errors import CftuneError
 from cftune.results.frontier import (
     A_BETTER,
     B_BETTER,
+    HIGHER_IS_BETTER,
     NOT_RESOLVED,
     families,
     frontier,
@@ -112,6 +113,37 @@ def test_a_gain_outside_a_family_is_never_extrapolated():
     assert _dominance(result, "full", "cfs", "kl")["references"] == ["full"]
     lo, hi = next(f for f in result["families"] if f["name"] == "cfs")["task_nll_range"]
     assert lo == pytest.approx(0.7, abs=0.1) and hi == pytest.approx(0.9, abs=0.1) and lo < hi
+
+
+def test_a_dominated_point_is_off_the_curve():
+    # A learning rate past the best: (0.762, 22.9) learns less than (0.746, 7.86) and forgets
+    # more. The envelope is (0.70, 30) – (0.746, 7.86); the joined points would give 10.7 at 0.75.
+    points = [(0.70, 30.0), (0.762, 22.9), (0.746, 7.86)]
+    assert interpolate(0.72, points) == pytest.approx(30.0 + (0.02 / 0.046) * (7.86 - 30.0))
+    assert interpolate(0.746, points) == 7.86
+    assert interpolate(0.75, points) is None and interpolate(0.762, points) is None
+    # Where higher is better (a benchmark Δ), being beaten means less accuracy at less gain.
+    bench = [(0.7, 0.01), (0.8, 0.03), (0.9, 0.0)]
+    assert interpolate(0.75, bench, higher_is_better=True) == pytest.approx(0.02)
+    assert interpolate(0.85, bench, higher_is_better=True) is None
+    assert interpolate(0.85, bench) == pytest.approx(0.0025)  # as a cost, (0.8, 0.03) is off
+
+
+def test_the_matched_value_follows_the_envelope_not_a_dominated_point():
+    past = "cfs-learning_rate=0.002"  # learns less than cfs (0.9) and forgets 40 nats more
+    rows, results = simulate(5, cfs={**CFS, past: 1.05})
+    kl = np.array(results[past]["items"]["kl"]) + 40.0
+    results[past]["items"]["kl"] = kl.tolist()
+    for r in rows:
+        if r["run"] == past:
+            r["metrics"]["kl"] = results[past]["metrics"]["kl"] = {"value": float(kl.mean())}
+    result = frontier(rows, results, replicates=200)
+    cfs = next(f for f in result["families"] if f["name"] == "cfs")
+    assert [p["run"] for p in cfs["points"] if "kl" in p["dominated"]] == [past]
+    at = next(m for m in result["matched"] if m["reference"] == "full-learning_rate=0.0001")
+    # true cfs KL at task NLL 1.0 is 10 − 4 = 6; through the dominated point it would be ~30
+    assert at["values"]["cfs"]["kl"]["value"] == pytest.approx(_kl("cfs", 1.0), abs=3.0)
+    assert past in frontier_markdown(result).split("**kl**")[0]
 
 
 def test_bootstrap_interval_covers_the_true_difference():
@@ -310,11 +342,24 @@ def test_comparison_end_to_end(tmp_path):
         ("wise-full-a0.75-s0", 0.75), ("full-s0", 1.0)}
     [at_full] = result["matched"]  # full has one point at seed 0
     full_row = next(r for r in rows if r["run"] == "full-s0")
-    for y in result["yardsticks"]:  # wise-full passes through full-s0: the same model
-        assert at_full["values"]["wise-full"][y]["value"] == at_full["values"]["full"][y]["value"]
-        assert at_full["values"]["wise-full"][y]["value"] == pytest.approx(
+    by_run = {p["run"]: p for p in wise["points"]}
+    # 5e-4 overshoots: the merges at α 0.75 and 0.5 learn more than full-s0 and forget less, so
+    # full-s0 is off wise-full's curve on every yardstick, and wise-full at full-s0's gain lies
+    # on the merges' segment, far below full-s0 itself.
+    assert by_run["full-s0"]["dominated"] == result["yardsticks"]
+    x = at_full["task_nll"]
+    a5, a25 = by_run["wise-full-a0.5-s0"], by_run["wise-full-a0.25-s0"]
+    for y in result["yardsticks"]:
+        assert at_full["values"]["full"][y]["value"] == pytest.approx(
             full_row["metrics"][y]["value"], abs=1e-9)
         lo, hi = at_full["values"]["full"][y]["ci95"]
         assert lo < at_full["values"]["full"][y]["value"] < hi
-        assert _dominance(result, "full", "wise-full", y)["verdict"] == NOT_RESOLVED
+        curve = [(p["task_nll"]["value"], p[y]["value"]) for p in wise["points"]]
+        assert at_full["values"]["wise-full"][y]["value"] == interpolate(
+            x, curve, higher_is_better=y in HIGHER_IS_BETTER)
+    t = (x - a5["task_nll"]["value"]) / (a25["task_nll"]["value"] - a5["task_nll"]["value"])
+    assert at_full["values"]["wise-full"]["kl"]["value"] == pytest.approx(
+        (1 - t) * a5["kl"]["value"] + t * a25["kl"]["value"])
+    assert at_full["values"]["wise-full"]["kl"]["value"] < full_row["metrics"]["kl"]["value"] / 2
+    assert _dominance(result, "full", "wise-full", "kl")["verdict"] == B_BETTER
     assert "| wise-full | 4 |" in frontier_markdown(result)

@@ -15,16 +15,23 @@ compared where they reach the same task gain.
   Points are the single-run rows of the lowest evaluated seed (seed 0): the `NAME (n seeds)`
   rows exist only for the replicated runs, and curves averaged over seeds in some points and not
   in others would differ in noise, not only in method.
-- Matched gain. A family's forgetting is interpolated linearly in task NLL at the task NLL of
-  each reference point (every point of the `full` family by default), for every yardstick.
-  Outside the family's covered range [lowest, highest task NLL of its points] it is None ("–"):
-  a curve is never extrapolated.
+- The curve is the family's lower envelope, per yardstick. A learning-rate sweep is not
+  monotone: past the best rate a model both learns less and forgets more (cfs at 5e-4 against
+  2e-4), and joining every point in order of task NLL would put that dominated point on the
+  curve and make the method look worse at a gain its better rate exceeds (10.8 nats of CF KL
+  interpolated where its 2e-4 point, with more gain, has 7.9). So a point another point of the
+  family beats on both task NLL and the yardstick is left off that yardstick's curve: no user
+  would choose it. What remains is the trade-off the family offers.
+- Matched gain. A family's forgetting is interpolated linearly in task NLL, along its envelope,
+  at the task NLL of each reference point (every point of the `full` family by default), for
+  every yardstick. Outside the envelope's covered range [lowest task NLL of the family, highest
+  of its envelope's points] it is None ("–"): a curve is never extrapolated.
 - Paired bootstrap. Every model is scored on the same items, so a replicate draws each item set
   (task problems, held-out CF samples, instructions, each benchmark's items) with replacement
   once and applies that draw to every model; each model's yardsticks, the reference points' task
   NLL and every interpolation are recomputed per replicate, and the 95% interval is the
-  percentile interval. What items share across models (a hard problem, a long sample) cancels
-  in the differences. The interval is conditional on the trained models: it holds the items'
+  percentile interval (the envelope too is found again in each replicate). What items share
+  across models (a hard problem, a long sample) cancels in the differences. The interval is conditional on the trained models: it holds the items'
   sampling noise, not the training seed's.
 - Dominance. For each pair of families A, B (the reference family first) and each yardstick:
   Δ = B − A of the forgetting, averaged over the reference gains both curves cover (one number
@@ -139,11 +146,37 @@ def interpolate_columns(x: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.nda
     return np.where(inside, (1.0 - t) * y0 + t * y1, np.nan)
 
 
-def interpolate(x: float, points: Sequence[tuple[float, float]]) -> float | None:
-    """The curve through `points` ((task NLL, forgetting) pairs) at task NLL `x`, or None
-    outside their range."""
+def dominated_columns(xs: np.ndarray, ys: np.ndarray, higher_is_better: bool = False
+                      ) -> np.ndarray:
+    """(points, R) booleans: point i of column j is beaten by another point of the column on
+    both task NLL (lower) and the yardstick (lower forgetting, or higher where
+    `higher_is_better`), one of the two strictly. NaN is never compared as better."""
+    s = -ys if higher_is_better else ys
+    x_i, x_j, s_i, s_j = xs[:, None], xs[None, :], s[:, None], s[None, :]
+    beats = (x_j <= x_i) & (s_j <= s_i) & ((x_j < x_i) | (s_j < s_i))  # [i, j, R]
+    return beats.any(axis=1)
+
+
+def envelope_columns(x: np.ndarray, xs: np.ndarray, ys: np.ndarray,
+                     higher_is_better: bool = False) -> np.ndarray:
+    """`interpolate_columns` along each column's lower envelope: its dominated points
+    (`dominated_columns`) are replaced by a copy of its lowest-NLL point, which is on the
+    envelope and, repeated, changes neither the joined curve nor its lower end; the covered
+    range ends at the envelope's highest task NLL."""
+    off = dominated_columns(xs, ys, higher_is_better)
+    s = -ys if higher_is_better else ys
+    first = np.lexsort((s, xs), axis=0)[0][None]  # lowest NLL, then best value: never dominated
+    xs = np.where(off, np.take_along_axis(xs, first, 0), xs)
+    ys = np.where(off, np.take_along_axis(ys, first, 0), ys)
+    return interpolate_columns(x, xs, ys)
+
+
+def interpolate(x: float, points: Sequence[tuple[float, float]],
+                higher_is_better: bool = False) -> float | None:
+    """The family's curve (the lower envelope of `points`, (task NLL, forgetting) pairs) at
+    task NLL `x`, or None outside its range."""
     xs, ys = (np.array([[p[i]] for p in points], dtype=float) for i in (0, 1))
-    v = interpolate_columns(np.array([x], dtype=float), xs, ys)[0]
+    v = envelope_columns(np.array([x], dtype=float), xs, ys, higher_is_better)[0]
     return None if math.isnan(v) else float(v)
 
 
@@ -334,21 +367,30 @@ def _dominance(order: list[str], refs: list[str], yardsticks: list[str],
 
 def _family(name: str, rows_f: list[int], members: list[dict[str, Any]],
             values: Mapping[str, np.ndarray], yardsticks: list[str]) -> dict[str, Any]:
-    """A family's points, by decreasing task NLL (increasing gain), and its covered range. In a
-    Wise-FT family the parent is the α = 1 point."""
+    """A family's points, by decreasing task NLL (increasing gain), each with the yardsticks on
+    which it is off the envelope (`dominated`), the range of its points and, per yardstick, the
+    task gain its envelope covers (where matched values exist). In a Wise-FT family the parent
+    is the α = 1 point."""
     task, base_task = values[TASK_NLL][:-1], values[TASK_NLL][-1]
+    x = task[rows_f, 0]
+    off = {y: dominated_columns(x[:, None], values[y][rows_f, :1], y in HIGHER_IS_BETTER)[:, 0]
+           for y in yardsticks}
     wise = any(is_wiseft(m) for m in members)
     points = [{"run": m["run"],
                "alpha": m.get("alpha") if is_wiseft(m) else 1.0 if wise else None,
                "task_nll": summarize(task[i]), "task_gain": summarize(base_task - task[i]),
-               **{y: summarize(values[y][i]) for y in yardsticks}}
-              for i, m in zip(rows_f, members)]
+               **{y: summarize(values[y][i]) for y in yardsticks},
+               "dominated": [y for y in yardsticks if off[y][k]]}
+              for k, (i, m) in enumerate(zip(rows_f, members))]
     points.sort(key=lambda p: -p["task_nll"]["value"])
     nll = [p["task_nll"]["value"] for p in points]
+    gain = float(base_task[0]) - x
     parent = next((family_name(m) for m in members if wise and not is_wiseft(m)), None)
     return {"name": name, "wise_ft": wise, "of": parent, "points": points,
             "task_nll_range": [min(nll), max(nll)],
-            "task_gain_range": [float(base_task[0]) - max(nll), float(base_task[0]) - min(nll)]}
+            "task_gain_range": [float(base_task[0]) - max(nll), float(base_task[0]) - min(nll)],
+            "covered_gain": {y: [float(gain[~off[y]].min()), float(gain.max())]
+                             for y in yardsticks}}
 
 
 def _measure(models: list[dict[str, Any]], base: dict[str, Any],
@@ -398,8 +440,8 @@ def frontier(rows: Sequence[dict[str, Any]],
         rows_f = [index[r["run"]] for r in fams[f]]
         for r in refs:
             for y in yardsticks:
-                matched[r, f, y] = interpolate_columns(task[index[r]], task[rows_f],
-                                                       values[y][rows_f])
+                matched[r, f, y] = envelope_columns(task[index[r]], task[rows_f],
+                                                    values[y][rows_f], y in HIGHER_IS_BETTER)
 
     return {
         "reference": ref, "seed": next((r.get("seed") for r in point_rows(rows)), None),

@@ -41,10 +41,16 @@ def _panel(ax: Any, result: dict[str, Any], y: str, colors: dict[str, Any]) -> N
         xs_all += xs
         ys_all += vs + [c for _, _, ci in pts if ci for c in ci]  # bars in view: noise shows
         main = f["name"] == result["reference"]
-        ax.plot(xs, vs, "--" if f["wise_ft"] else "-", marker="s" if f["wise_ft"] else "o",
-                ms=7 if main else 4 if f["wise_ft"] else 6,
+        on = [y not in p.get("dominated", ()) for p in f["points"]]
+        marker, ms = ("s" if f["wise_ft"] else "o"), 7 if main else 4 if f["wise_ft"] else 6
+        ax.plot([x for x, o in zip(xs, on) if o], [v for v, o in zip(vs, on) if o],
+                "--" if f["wise_ft"] else "-", marker=marker, ms=ms,
                 lw=2.6 if main else 1.6, color=colors[f["name"]], zorder=4 if main else 3,
                 label=f["name"] + (" (reference)" if main else ""))
+        if not all(on):  # off the envelope: hollow, not joined
+            ax.plot([x for x, o in zip(xs, on) if not o], [v for v, o in zip(vs, on) if not o],
+                    ls="none", marker=marker, ms=ms, mfc="none", color=colors[f["name"]],
+                    zorder=3)
         bars = [(x, v, ci) for x, v, ci in pts if ci]
         if bars:
             ax.errorbar([b[0] for b in bars], [b[1] for b in bars],
@@ -105,7 +111,9 @@ def plot_frontier(result: dict[str, Any], path: str | os.PathLike,
     fig.legend(handles, labels, loc="outside lower center", ncols=min(6, len(labels)),
                fontsize=9, frameon=False)
     wise = any(f["wise_ft"] for f in result["families"])
+    off = any(p.get("dominated") for f in result["families"] for p in f["points"])
     notes = (["dashed: Wise-FT merges, ending at their parent (α = 1)"] if wise else []) + (
+        ["hollow: off the family's envelope"] if off else []) + (
         ["bars: 95% paired bootstrap"] if result["bootstrap"] else [])
     fig.suptitle(title + (f" ({'; '.join(notes)})" if notes else ""), fontsize=12)
     path = Path(path)

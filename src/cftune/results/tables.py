@@ -211,6 +211,15 @@ def _verdict_text(d: dict[str, Any]) -> str:
     return NOT_RESOLVED
 
 
+def _off_curve(family: dict[str, Any], yardsticks: list[str]) -> str:
+    """The family's dominated points and the yardsticks they are dominated on ("all" when
+    every one), or –."""
+    off = [f"{p['run']} ("
+           f"{'all' if len(p['dominated']) == len(yardsticks) else ', '.join(p['dominated'])})"
+           for p in family["points"] if p.get("dominated")]
+    return "; ".join(off) or MISSING
+
+
 def frontier_markdown(result: dict[str, Any]) -> str:
     """frontier.md (`cftune.results.frontier`'s result as Markdown): each family's covered
     range, every yardstick at the reference gains, and the dominance table (pairs that share a
@@ -221,11 +230,16 @@ def frontier_markdown(result: dict[str, Any]) -> str:
     out = ["## Trade-off curves at matched task gain\n",
            f"A family is a method with its sweep (seed-{result['seed']} runs; a Wise-FT curve "
            "ends at its parent, α = 1). Each family's forgetting is interpolated linearly in task "
-           f"NLL at the task gain of every `{ref}` point, never extrapolated ({MISSING} = outside "
-           f"the family's range); {how}. Task gain = base's task NLL − model's, nats per token.\n",
-           "| family | points | task gain covered |", "|---|---:|---:|"]
+           f"NLL at the task gain of every `{ref}` point along its lower envelope (a point another "
+           "point of the family beats on both task gain and the yardstick is off the curve: a "
+           "learning rate past the best both learns less and forgets more), never extrapolated "
+           f"({MISSING} = outside the envelope's range); {how}. Task gain = base's task NLL − "
+           "model's, nats per token.\n",
+           "| family | points | task gain of the points | off the curve (on) |",
+           "|---|---:|---:|---|"]
     out += [f"| {f['name']} | {len(f['points'])} | {fmt_number(f['task_gain_range'][0])} – "
-            f"{fmt_number(f['task_gain_range'][1])} |" for f in result["families"]]
+            f"{fmt_number(f['task_gain_range'][1])} | {_off_curve(f, ys)} |"
+            for f in result["families"]]
     refs = result["matched"]
     reaching = [f["name"] for f in result["families"]
                 if any(m["values"][f["name"]][y]["value"] is not None for m in refs for y in ys)]
