@@ -149,7 +149,8 @@ def test_kl_matches_exact_enumeration(tmp_path):
     reqs = [(prefix, s) for s in seqs]
     lp_base = [s.logprob for s in score_continuations(base, reqs, batch_size=256)]
     lp_model = [s.logprob for s in score_continuations(model, reqs, batch_size=256)]
-    assert sum(math.exp(x) for x in lp_base) == pytest.approx(1.0, abs=1e-9)  # enumeration complete
+    # enumeration complete (to float32 logsumexp's rounding: ~1e-7 per token)
+    assert sum(math.exp(x) for x in lp_base) == pytest.approx(1.0, abs=1e-6)
     exact = sum(math.exp(b) * (b - m) for b, m in zip(lp_base, lp_model))
 
     records = ancestral(base, prefix, eos, n=3000, max_new=max_new, seed=0)

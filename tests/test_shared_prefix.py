@@ -99,6 +99,24 @@ def test_choices_score_as_one_row_per_pair_with_each_context_run_once(model):
     assert shapes == [(1, sum(packed_width(item) for item in items))]  # side by side in one row
 
 
+def test_continuations_that_begin_alike_share_their_common_tokens(model):
+    """PIQA's solutions often open with the same words: a prefix tree stores them once. Here
+    each item's choices share a 5-token opening (one is that opening plus a single token, its
+    own tokens all shared) and one choice repeats another: a row holds the context, the opening
+    once and each choice's own tail."""
+    rng = random.Random(3)
+    items = []
+    for _ in range(3):
+        context, opening = tokens(rng, rng.randint(8, 30)), tokens(rng, 5)
+        conts = [opening + tokens(rng, rng.randint(2, 9)) for _ in range(3)]
+        items.append([(context, c) for c in [*conts, opening + tokens(rng, 1), conts[0]]])
+    shared, flat, shapes = both_ways(model, [r for item in items for r in item], batch_size=8)
+    assert_same(shared, flat)
+    tails = [sum(len(c) - 1 - 5 for _, c in item[:3]) for item in items]  # the repeat adds none
+    assert shapes == [(1, sum(len(item[0][0]) + 5 + t for item, t in zip(items, tails)))]
+    assert shapes[0][1] < sum(packed_width(item) for item in items) - 30  # 3 items x (4 x 5 - 5)
+
+
 def test_one_token_continuations_need_the_context_pass_only(model):
     items = choices(1, n_items=4, n_choices=2, ctx=(5, 30), cont=(1, 1))  # BoolQ's yes / no
     shared, flat, shapes = both_ways(model, [r for item in items for r in item])

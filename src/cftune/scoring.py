@@ -6,13 +6,15 @@ perplexity and FLOW's per-example weights.
 
 Requests that share a context (a multiple-choice item's choices, an instruction's responses) are
 scored with the context computed once, not once per continuation (issue 32). A packed row holds
-the context, then each continuation's tokens but the last; short contexts with their
-continuations sit side by side in one row. Its attention mask lets a context token see the
-earlier tokens of its context, and a continuation token those of its context and of its own
-continuation; position ids restart at each context and, for each continuation, where the context
-ends. Every token then attends to exactly the keys, at exactly the positions, it has in a row of
-its own pair, so the log-probs are those of one row per pair up to float rounding (at most 6e-5
-nats on SmolLM2-135M and Gemma-3-270m in fp32; tests/test_shared_prefix.py). This takes one
+the context, then the continuations' tokens but the last as a prefix tree: tokens that begin
+several continuations alike (PIQA's two solutions often open with the same words) are stored and
+computed once too. Short contexts with their continuations sit side by side in one row. Each
+token has a parent (the token before it on its own path: its context's previous token, or the
+tree node it follows); the attention mask lets a token see exactly its ancestors and itself, and
+its position id is its depth, restarting at each context. Every token then attends to exactly
+the keys, at exactly the positions, it has in a row of its own pair, so the log-probs are those
+of one row per pair up to float rounding (at most 6e-5 nats on SmolLM2-135M and Gemma-3-270m in
+fp32; tests/test_shared_prefix.py). This takes one
 forward pass, where reusing the context's key/value cache takes two and a copy of the cache per
 continuation, and Gemma-3's sliding-window layers get their window from the position ids.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -60,11 +63,10 @@ class _Row:
 
     ids: list[int]
     reads: list[tuple[int, list[int]]]
-    # Packed rows only, per token: its position id, its segment (a context or a continuation,
-    # numbered within the row), and the one other segment it may see (its context).
+    # Packed rows only, per token: its position id and its parent's index (-1: a context's first
+    # token); a token sees its ancestors and itself.
     positions: list[int] | None = None
-    segments: list[int] | None = None
-    sees: list[int] | None = None
+    parents: list[int] | None = None
 
 
 @torch.no_grad()
@@ -147,7 +149,7 @@ def _score_batch(model, head, rows: list[_Row], prepared, results, dtype: str, p
     reads = [(r, i, positions) for r, row in enumerate(rows) for i, positions in row.reads]
     if head is None:
         for r, i, positions in reads:
-            results[i] = _scored(torch.log_softmax(out[r, positions].double(), -1), prepared[i])
+            results[i] = _scored(out[r, positions], prepared[i])
         return
     # The output layer once per chunk of requests, not once per request: its weight (SmolLM2:
     # 49k × 576, 113 MB) is read per call, which costs as much as ~5 positions' products.
@@ -161,19 +163,23 @@ def _score_batch(model, head, rows: list[_Row], prepared, results, dtype: str, p
         chunk = reads[start:end]
         with autocast(device, dtype):
             logits = head.logits(torch.cat([out[r, positions] for r, _, positions in chunk]))
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        for (_, i, _), part in zip(chunk, logp.split([len(p) for _, _, p in chunk])):
+        for (_, i, _), part in zip(chunk, logits.split([len(p) for _, _, p in chunk])):
             results[i] = _scored(part, prepared[i])
         start = end
 
 
-def _scored(logp: torch.Tensor, request: tuple[list[int], int]) -> Scored:
-    """The `Scored` of a request from the log-probs [continuation length, vocabulary] that
-    predict its continuation tokens."""
+def _scored(logits: torch.Tensor, request: tuple[list[int], int]) -> Scored:
+    """The `Scored` of a request from the logits [continuation length, vocabulary] that predict
+    its continuation tokens: log p(token) = logit − logsumexp(logits). Not a float64
+    log_softmax: that wrote a float64 copy of every position's vocabulary twice (13% of PIQA's
+    scoring time); logsumexp reduces in float32 (|error| ~1e-6 nats per token against float64)
+    and only the results are taken to float64."""
     ids, n_cont = request
-    target = torch.tensor(ids[-n_cont:], device=logp.device)
-    token_lp = logp.gather(-1, target[:, None])[:, 0].cpu()
-    return Scored(token_lp, bool((logp.argmax(-1) == target).all()))
+    logits = logits.float()
+    target = torch.tensor(ids[-n_cont:], device=logits.device)
+    picked = logits.gather(-1, target[:, None])[:, 0]
+    token_lp = (picked.double() - torch.logsumexp(logits, -1).double()).cpu()
+    return Scored(token_lp, bool((logits.argmax(-1) == target).all()))
 
 
 def _padded(rows: list[_Row], pad_id: int) -> dict:
@@ -190,23 +196,22 @@ def _padded(rows: list[_Row], pad_id: int) -> dict:
 def _packed(rows: list[_Row], pad_id: int, config, mask_types: tuple[str, ...],
             weight_dtype: torch.dtype) -> dict:
     """Inputs of packed rows: ids, position ids, and the [rows, 1, width, width] mask in which a
-    query at index q sees key k ≤ q of its own segment or of the context it continues; sliding
+    query sees its ancestors and itself (padding sees itself: no softmax row is empty); sliding
     layers further need position(q) − position(k) < window, as transformers' sliding mask
     (`kv_idx > q_idx - sliding_window`) demands of the same tokens in a row of their own."""
     width = max(len(row.ids) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
-    segments = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
-    sees = torch.full((len(rows), width), -2, dtype=torch.long)
+    visible = np.zeros((len(rows), width, width), dtype=bool)
     for r, row in enumerate(rows):
-        for t, values in ((input_ids, row.ids), (positions, row.positions),
-                          (segments, row.segments), (sees, row.sees)):
-            t[r, : len(row.ids)] = torch.tensor(values)
-    index = torch.arange(width)
-    key = segments[:, None, :]
-    # Padding (segment -1) sees the padding before it: no softmax row is empty.
-    visible = (index[None, None, :] <= index[None, :, None]) & \
-        ((key == segments[:, :, None]) | (key == sees[:, :, None]))
+        input_ids[r, : len(row.ids)] = torch.tensor(row.ids)
+        positions[r, : len(row.ids)] = torch.tensor(row.positions)
+        seen = visible[r]
+        seen[np.arange(width), np.arange(width)] = True
+        for q, parent in enumerate(row.parents):  # a parent comes before its children
+            if parent >= 0:
+                seen[q] |= seen[parent]
+    visible = torch.from_numpy(visible)
     masks = {"full_attention": visible}
     if "sliding_attention" in mask_types:
         distance = positions[:, :, None] - positions[:, None, :]
@@ -265,29 +270,35 @@ def _pack(prepared: list[tuple[list[int], int]], budget: int, span: float) -> li
 
 
 def _width(share: tuple[list[int], list[tuple[int, list[int]]]]) -> int:
+    """Tokens of a share in a packed row: its context, and its continuations' own tokens with
+    the prefixes they have in common counted once (the prefix tree's nodes)."""
     context, conts = share
-    return len(context) + sum(len(own) for _, own in conts)
+    return len(context) + len({tuple(own[:k]) for _, own in conts for k in range(1, len(own) + 1)})
 
 
 def _row(shares: list[tuple[list[int], list[tuple[int, list[int]]]]]) -> _Row:
-    """One packed row: each share's context, then its continuations' own tokens, positions
-    restarting after the context; the context's last output predicts every first token."""
-    row = _Row([], [], [], [], [])
-    n_segments = 0
+    """One packed row: each share's context, then its continuations' own tokens as a prefix
+    tree, each token's position its depth; the context's last output predicts every first
+    token, a tree node's output the next token of every continuation through it."""
+    row = _Row([], [], [], [])
     for context, conts in shares:
-        start, context_segment = len(row.ids), n_segments
+        start = len(row.ids)
         row.ids += context
         row.positions += range(len(context))
-        row.segments += [context_segment] * len(context)
-        row.sees += [context_segment] * len(context)
+        row.parents += [-1, *range(start, start + len(context) - 1)]
+        node: dict[tuple[int, int], int] = {}  # (parent index, token) → index
         for i, own in conts:
-            n_segments += 1
-            row.reads.append((i, [start + len(context) - 1, *range(len(row.ids), len(row.ids) + len(own))]))
-            row.ids += own
-            row.positions += range(len(context), len(context) + len(own))
-            row.segments += [n_segments] * len(own)
-            row.sees += [context_segment] * len(own)
-        n_segments += 1
+            at = start + len(context) - 1
+            reads = [at]
+            for token in own:
+                if (at, token) not in node:
+                    node[at, token] = len(row.ids)
+                    row.ids.append(token)
+                    row.positions.append(row.positions[at] + 1)
+                    row.parents.append(at)
+                at = node[at, token]
+                reads.append(at)
+            row.reads.append((i, reads))
     return row
 
 
@@ -316,9 +327,11 @@ def _shares(prepared: list[tuple[list[int], int]], budget: int,
         for i in members:
             ids, n_cont = prepared[i]
             own = ids[-n_cont:-1]  # the last token is only ever a target
-            width = _width(shares[-1]) if len(shares) > first else 0
-            if not width or width + len(own) > budget or \
-                    cost(width + len(own), True) - cost(width, True) >= cost(len(ids) - 1, False):
+            if len(shares) > first:
+                width = _width(shares[-1])
+                grown = _width((shares[-1][0], [*shares[-1][1], (i, own)]))
+            if len(shares) == first or grown > budget or \
+                    cost(grown, True) - cost(width, True) >= cost(len(ids) - 1, False):
                 shares.append((list(context), []))
             shares[-1][1].append((i, own))
     return [share for share in shares if len(share[1]) > 1]
