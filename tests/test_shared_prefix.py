@@ -175,6 +175,27 @@ def test_a_context_whose_continuations_span_batches(model):
     assert len(shapes) < len(requests)
 
 
+def test_a_cpu_pass_holds_at_most_cpu_pass_tokens_unless_told(tiny_model):
+    """On a CPU the default batch is capped at CPU_PASS_TOKENS tokens (activations in cache),
+    whatever `batch_size` allows; an explicit `max_batch_tokens` is obeyed as given."""
+    from transformers import AutoModelForCausalLM
+
+    from cftune.scoring import CPU_PASS_TOKENS
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    rng = random.Random(9)
+    width = 200
+    requests = [([1], tokens(rng, width)) for _ in range(30)]  # unshared: a row each
+    with forward_shapes(model) as shapes:
+        default = score_continuations(model, requests, batch_size=64)
+    assert all(rows * cols <= CPU_PASS_TOKENS for rows, cols in shapes)
+    assert [rows for rows, _ in shapes][0] == CPU_PASS_TOKENS // width  # as many as fit
+    with forward_shapes(model) as shapes:
+        told = score_continuations(model, requests, batch_size=64, max_batch_tokens=64 * 256)
+    assert shapes == [(30, width)]
+    assert_same(default, told)
+
+
 def test_models_without_a_chunked_head_read_the_full_logits(model, monkeypatch):
     import cftune.head_loss
 

@@ -41,6 +41,11 @@ READ_BYTES = 64 * 2**20  # float64 log-probs per call of the output layer (SmolL
 # Width of packed rows holding several shares: every query of a packed row scores all its keys
 # (masked or not), 256 of them: ~8% of SmolLM2's matrix products per token.
 PACK_WIDTH = 256
+# Tokens per forward pass on a CPU, unless `max_batch_tokens` says otherwise: a pass's activations
+# ([tokens, 1,536] float32 in SmolLM2's MLP: 12 MB at 2,048 tokens, 50 MB at 8,192) then stay in
+# cache. Measured on a 2-core AMD EPYC (docs/benchmarks.md): HellaSwag-shaped items 1.25x faster
+# at 1,024-2,048 tokens than at 8,192, ARC-Easy and PIQA the same. A GPU wants large passes.
+CPU_PASS_TOKENS = 2048
 
 
 @dataclass
@@ -85,9 +90,9 @@ def score_continuations(
 
     Rows are sorted by length (longest first) so batches carry little padding and an
     out-of-memory error shows up on the first batch. A batch holds at most `batch_size` rows and
-    `max_batch_tokens` padded tokens (default: `batch_size` × 256), so a few very long requests
-    are scored a few at a time: 32 rows padded to one 1,600-token instruction took 165 s where
-    the other 144 rows of the set took 50. Contexts are cut from the left when
+    `max_batch_tokens` padded tokens (default: `batch_size` × 256, at most CPU_PASS_TOKENS on a
+    CPU), so a few very long requests are scored a few at a time: 32 rows padded to one
+    1,600-token instruction took 165 s where the other 144 rows of the set took 50. Contexts are cut from the left when
     context + continuation exceeds `max_length` (the model's limit by default); the context must
     hold at least one token, since the first continuation token needs something to condition on.
     With `shared_prefix` (and a model in `PACKED_MASKS`), requests whose cut contexts are equal
@@ -110,6 +115,8 @@ def score_continuations(
         ids = ids[-(max_length + 1):]  # inputs are ids[:-1]: at most max_length positions
         prepared.append((ids, len(cont)))
     budget = max_batch_tokens or batch_size * 256
+    if max_batch_tokens is None and next(model.parameters()).device.type == "cpu":
+        budget = min(budget, CPU_PASS_TOKENS)
     mask_types = _packed_layer_types(model) if shared_prefix else None
     packed = _pack(prepared, budget, _attention_span(model.config)) if mask_types else []
     in_packed = {i for row in packed for i, _ in row.reads}
