@@ -115,7 +115,7 @@ def plot_frontier(result: dict[str, Any], path: str | os.PathLike,
     notes = (["dashed: Wise-FT merges, ending at their parent (α = 1)"] if wise else []) + (
         ["hollow: off the family's envelope"] if off else []) + (
         ["bars: 95% paired bootstrap"] if result["bootstrap"] else [])
-    fig.suptitle(title + (f" ({'; '.join(notes)})" if notes else ""), fontsize=12)
+    fig.suptitle(title + (f"\n({'; '.join(notes)})" if notes else ""), fontsize=12)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
