@@ -14,8 +14,7 @@ tree node it follows); the attention mask lets a token see exactly its ancestors
 its position id is its depth, restarting at each context. Every token then attends to exactly
 the keys, at exactly the positions, it has in a row of its own pair, so the log-probs are those
 of one row per pair up to float rounding (at most 6e-5 nats on SmolLM2-135M and Gemma-3-270m in
-fp32; tests/test_shared_prefix.py). This takes one
-forward pass, where reusing the context's key/value cache takes two and a copy of the cache per
+fp32; tests/test_shared_prefix.py). This takes one forward pass, where reusing the context's key/value cache takes two and a copy of the cache per
 continuation, and Gemma-3's sliding-window layers get their window from the position ids.
 """
 
@@ -37,7 +36,7 @@ from cftune.models import autocast
 # from the padding mask). Add a type together with its case in tests/test_shared_prefix.py.
 PACKED_MASKS = {"llama": False, "gemma3_text": True}
 ATTENTION = ("sdpa", "eager")  # the implementations that read an arbitrary boolean/additive mask
-READ_BYTES = 64 * 2**20  # float64 log-probs per call of the output layer (SmolLM2: 170 positions)
+READ_BYTES = 64 * 2**20  # logits per call of the output layer, sized at 8 bytes each (SmolLM2: 170)
 # Width of packed rows holding several shares: every query of a packed row scores all its keys
 # (masked or not), 256 of them: ~8% of SmolLM2's matrix products per token.
 PACK_WIDTH = 256
@@ -92,8 +91,8 @@ def score_continuations(
     out-of-memory error shows up on the first batch. A batch holds at most `batch_size` rows and
     `max_batch_tokens` padded tokens (default: `batch_size` × 256, at most CPU_PASS_TOKENS on a
     CPU), so a few very long requests are scored a few at a time: 32 rows padded to one
-    1,600-token instruction took 165 s where the other 144 rows of the set took 50. Contexts are cut from the left when
-    context + continuation exceeds `max_length` (the model's limit by default); the context must
+    1,600-token instruction took 165 s where the other 144 rows of the set took 50. Contexts are
+    cut from the left when context + continuation exceeds `max_length` (the model's limit by default); the context must
     hold at least one token, since the first continuation token needs something to condition on.
     With `shared_prefix` (and a model in `PACKED_MASKS`), requests whose cut contexts are equal
     are scored from one copy of it in a packed row (`_pack`; `batch_size` then counts packed
@@ -179,7 +178,7 @@ def _scored(logits: torch.Tensor, request: tuple[list[int], int]) -> Scored:
     """The `Scored` of a request from the logits [continuation length, vocabulary] that predict
     its continuation tokens: log p(token) = logit − logsumexp(logits). Not a float64
     log_softmax: that wrote a float64 copy of every position's vocabulary twice (13% of PIQA's
-    scoring time); logsumexp reduces in float32 (|error| ~1e-6 nats per token against float64)
+    scoring time); logsumexp reduces in float32 (|error| ~1e-7 nats per token against float64)
     and only the results are taken to float64."""
     ids, n_cont = request
     logits = logits.float()
